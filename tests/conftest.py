@@ -32,7 +32,7 @@ def llama2_model():
     return shared_path("tokenizers/llama2/tokenizer.model")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_reference_megatron():
     """Run a Python snippet against the published megatron-core package (an independent reference).
 

@@ -112,6 +112,15 @@ def _read_bpe_merges(merge_file: str):
     return merges
 
 
+def _load_sentencepiece(model_file: str):
+    import sentencepiece
+
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=model_file)
+    except (OSError, RuntimeError) as error:
+        raise TokenizerError(f"--tokenizer-model {model_file} is not a SentencePiece model: {error}") from None
+
+
 class SentencePieceTokenizer(MegatronTokenizer):
     """A SentencePiece model with Megatron-LM's added special tokens.
 
@@ -120,12 +129,7 @@ class SentencePieceTokenizer(MegatronTokenizer):
     """
 
     def __init__(self, model_file: str, vocab_extra_ids: int = 0) -> None:
-        import sentencepiece
-
-        try:
-            self._model = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        except (OSError, RuntimeError) as error:
-            raise TokenizerError(f"--tokenizer-model {model_file} is not a SentencePiece model: {error}") from None
+        self._model = _load_sentencepiece(model_file)
         self._vocab = {self._model.id_to_piece(i): i for i in range(self._model.get_piece_size())}
         self._special_tokens: Dict[str, int] = {}
         self._cls = self._add_special_token("<CLS>")
@@ -195,12 +199,7 @@ class Llama2Tokenizer(MegatronTokenizer):
     """The Llama 2 SentencePiece tokenizer: BOS before every text, EOS as end of document."""
 
     def __init__(self, model_file: str) -> None:
-        import sentencepiece
-
-        try:
-            self._model = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        except (OSError, RuntimeError) as error:
-            raise TokenizerError(f"--tokenizer-model {model_file} is not a SentencePiece model: {error}") from None
+        self._model = _load_sentencepiece(model_file)
 
     @property
     def vocab_size(self) -> int:
