@@ -4,26 +4,406 @@ Flags are grouped by concern, one `_add_*_args` function per group; `parse_args`
 """
 
 import argparse
+import difflib
+import os
+import sys
+
+import yaml
+
+
+class ArgumentsError(ValueError):
+    """An inconsistent or impossible combination of flags; the message says which flags and how to fix it."""
 
 
 def parse_args(extra_args_provider=None, ignore_unknown_args=False, args_list=None):
-    """Parse the training flags (from `args_list`, or sys.argv when None)."""
+    """Parse the training flags (from `args_list`, or sys.argv when None).
+
+    `--config FILE.yaml` supplies values for any flag (keys are flag names with underscores); flags given
+    on the command line win over the file. Unknown flags are an error that names the nearest known flag.
+    """
     parser = build_parser(extra_args_provider)
-    if ignore_unknown_args:
-        args, _ = parser.parse_known_args(args_list)
-    else:
-        args = parser.parse_args(args_list)
+    argv = sys.argv[1:] if args_list is None else list(args_list)
+    config_file = _config_file_from(argv)
+    if config_file is not None:
+        parser.set_defaults(**_read_yaml_config(parser, config_file))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not ignore_unknown_args:
+        parser.error(_describe_unknown_flags(parser, unknown))
     return args
 
 
 def build_parser(extra_args_provider=None):
     """The parser with every flag group; `extra_args_provider(parser)` may add a script's own flags."""
-    parser = argparse.ArgumentParser(description="Megatron-style arguments", allow_abbrev=False)
+    parser = _ArgumentParser(description="Megatron-style arguments", allow_abbrev=False)
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="YAML file of flag values (keys are flag names with underscores); the command line wins.",
+    )
     for add_group in ARGUMENT_GROUPS:
         parser = add_group(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     return parser
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: the usage of hundreds of flags would bury the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help for every flag)\n")
+
+
+def _config_file_from(argv):
+    """The --config path in argv, read before the full parse so the file can supply defaults."""
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre_parser.add_argument("--config", type=str, default=None)
+    known, _ = pre_parser.parse_known_args(argv)
+    return known.config
+
+
+def _actions_by_config_key(parser):
+    """Each flag's action under every name a config file may use: its dest and its option names."""
+    actions = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config"):
+            continue
+        actions[action.dest] = action
+        for option in action.option_strings:
+            actions[option.lstrip("-").replace("-", "_")] = action
+    return actions
+
+
+def _read_yaml_config(parser, path):
+    """{dest: value} from a YAML file of flags, each value converted and checked as the flag would be."""
+    try:
+        with open(path) as config_file:
+            config = yaml.safe_load(config_file)
+    except OSError as error:
+        parser.error(f"--config {path}: cannot read the file ({error.strerror})")
+    except yaml.YAMLError as error:
+        parser.error(f"--config {path} is not valid YAML: {error}")
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        parser.error(f"--config {path} must be a mapping of flag names to values, not a {type(config).__name__}")
+    actions = _actions_by_config_key(parser)
+    defaults = {}
+    for key, value in config.items():
+        normalized = str(key).replace("-", "_")
+        action = actions.get(normalized)
+        if action is None:
+            nearest = difflib.get_close_matches(normalized, list(actions), n=1)
+            hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+            parser.error(f"--config {path}: unknown key {key!r}{hint}")
+        try:
+            defaults[action.dest] = _config_value(action, normalized, value)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--config {path}: bad value {value!r} for {key!r}: {error}")
+    return defaults
+
+
+def _config_value(action, key, value):
+    """A YAML value as the flag's action would have stored it."""
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        if key == action.dest:
+            return value
+        return action.const if value else action.default
+    if value is None:
+        return None
+    convert = action.type or (lambda item: item)
+    many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
+    values = [convert(item) for item in (value if isinstance(value, list) else [value])]
+    if action.choices is not None:
+        for item in values:
+            if item not in action.choices:
+                raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+    if many:
+        return values
+    if len(values) != 1:
+        raise ValueError("expected a single value, not a list")
+    return values[0]
+
+
+def _describe_unknown_flags(parser, unknown):
+    """One message naming every unknown flag and, where one is close, the known flag it resembles."""
+    known_flags = [option for action in parser._actions for option in action.option_strings]
+    problems = []
+    for token in unknown:
+        if not token.startswith("-"):
+            if not problems:
+                problems.append(f"unexpected value {token!r}")
+            continue
+        flag = token.split("=", 1)[0]
+        nearest = difflib.get_close_matches(flag, known_flags, n=1)
+        problems.append(f"unknown flag {flag}" + (f" (did you mean {nearest[0]}?)" if nearest else ""))
+    return "; ".join(problems)
+
+
+def validate_args(args, defaults=None):
+    """Check the flags together and derive the values they imply, before any process group forms.
+
+    `defaults` fills flags the user left unset (a script's own defaults). Every inconsistency raises one
+    ArgumentsError that names the flags involved and how to fix them.
+    """
+    for key, value in (defaults or {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_parallel_layout(args)
+    _check_batch_sizes(args)
+    _check_training_length(args)
+    _check_learning_rate(args)
+    _check_weight_decay(args)
+    _check_precision(args)
+    _check_checkpointing(args)
+    _check_recompute(args)
+    _check_device(args)
+    _check_logging(args)
+    for area_check in ("_validate_data_args", "_validate_model_args", "_validate_parallel_args"):
+        if area_check in globals():
+            globals()[area_check](args)
+    args.consumed_train_samples = 0
+    args.skipped_train_samples = 0
+    args.consumed_valid_samples = 0
+    return args
+
+
+def _require(condition, message):
+    if not condition:
+        raise ArgumentsError(message)
+
+
+def _check_parallel_layout(args):
+    model_parallel_size = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    _require(
+        args.tensor_model_parallel_size >= 1 and args.pipeline_model_parallel_size >= 1,
+        "--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1",
+    )
+    _require(
+        args.world_size % model_parallel_size == 0,
+        f"world size {args.world_size} is not divisible by --tensor-model-parallel-size "
+        f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size {args.pipeline_model_parallel_size}; "
+        "launch a multiple of their product processes",
+    )
+    args.data_parallel_size = args.world_size // model_parallel_size
+
+
+def _check_batch_sizes(args):
+    _require(
+        args.micro_batch_size is not None and args.micro_batch_size > 0,
+        "--micro-batch-size is required and must be positive",
+    )
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    _require(
+        args.global_batch_size > 0 and args.global_batch_size % per_step == 0,
+        f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+        f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}; "
+        f"use a multiple of {per_step}",
+    )
+    if args.rampup_batch_size is None:
+        return
+    _require(
+        len(args.rampup_batch_size) == 3,
+        "--rampup-batch-size takes three integers: START INCREMENT SAMPLES",
+    )
+    try:
+        start, increment, ramp_samples = (int(value) for value in args.rampup_batch_size)
+    except ValueError:
+        raise ArgumentsError(
+            f"--rampup-batch-size takes three integers, got {' '.join(args.rampup_batch_size)}"
+        ) from None
+    _require(
+        0 < start <= args.global_batch_size and increment > 0 and ramp_samples >= 0,
+        "--rampup-batch-size START INCREMENT SAMPLES needs 0 < START <= --global-batch-size, INCREMENT > 0 "
+        "and SAMPLES >= 0",
+    )
+    _require(
+        (args.global_batch_size - start) % increment == 0,
+        f"--rampup-batch-size: --global-batch-size {args.global_batch_size} minus START {start} must be a "
+        f"multiple of INCREMENT {increment}",
+    )
+    _require(
+        start % per_step == 0 and increment % per_step == 0,
+        f"--rampup-batch-size: START {start} and INCREMENT {increment} must be multiples of micro batch x "
+        f"data-parallel size = {per_step}",
+    )
+    args.rampup_batch_size = [start, increment, ramp_samples]
+
+
+def _check_training_length(args):
+    _require(
+        args.train_iters is None or args.train_samples is None,
+        "give --train-iters or --train-samples, not both",
+    )
+    if args.train_iters is None and args.train_samples is None:
+        _require(args.skip_train, "give the training length with --train-iters N or --train-samples N")
+        args.train_iters = 0
+    if args.train_iters is not None:
+        _require(args.train_iters >= 0, "--train-iters must not be negative")
+        for flag, value in (
+            ("--lr-decay-samples", args.lr_decay_samples),
+            ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples),
+            ("--rampup-batch-size", args.rampup_batch_size),
+        ):
+            _require(value is None, f"{flag} needs sample-based training (--train-samples), not --train-iters")
+        _require(
+            args.lr_warmup_samples == 0,
+            "--lr-warmup-samples needs sample-based training (--train-samples); use --lr-warmup-iters",
+        )
+    else:
+        _require(args.train_samples > 0, "--train-samples must be positive")
+        for flag, value in (
+            ("--lr-decay-iters", args.lr_decay_iters),
+            ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters),
+        ):
+            _require(value is None, f"{flag} needs iteration-based training (--train-iters), not --train-samples")
+        _require(
+            args.lr_warmup_iters == 0,
+            "--lr-warmup-iters needs iteration-based training (--train-iters); use --lr-warmup-samples",
+        )
+    _require(args.log_interval > 0, "--log-interval must be positive")
+    _require(args.eval_interval > 0, "--eval-interval must be positive")
+    _require(args.eval_iters >= 0, "--eval-iters must not be negative")
+    _require(args.exit_interval is None or args.exit_interval > 0, "--exit-interval must be positive")
+
+
+def _check_learning_rate(args):
+    if args.lr is None:
+        _require(args.skip_train, "--lr is required for training")
+        return
+    _require(0.0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie between 0 and --lr {args.lr}")
+    _require(
+        0.0 <= args.lr_warmup_init <= args.lr,
+        f"--lr-warmup-init {args.lr_warmup_init} must lie between 0 and --lr {args.lr}",
+    )
+    by_iterations = args.train_iters is not None
+    unit = "iters" if by_iterations else "samples"
+    decay_length = (args.lr_decay_iters or args.train_iters) if by_iterations else (args.lr_decay_samples or args.train_samples)
+    warmup = args.lr_warmup_iters if by_iterations else args.lr_warmup_samples
+    if args.lr_warmup_fraction is not None:
+        _require(
+            warmup == 0,
+            f"give --lr-warmup-fraction or --lr-warmup-{unit}, not both",
+        )
+        _require(0.0 <= args.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must lie in [0, 1)")
+    if args.skip_train:
+        return
+    _require(decay_length > 0, f"--lr-decay-{unit} must be positive")
+    _require(
+        warmup < decay_length,
+        f"--lr-warmup-{unit} {warmup} is not shorter than the decay length {decay_length} "
+        f"(--lr-decay-{unit}, default --train-{unit}); shorten the warmup or lengthen training",
+    )
+    if args.lr_decay_style == "WSD":
+        wsd_length = args.lr_wsd_decay_iters if by_iterations else args.lr_wsd_decay_samples
+        _require(
+            wsd_length is not None and 0 < wsd_length <= decay_length,
+            f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} between 1 and the decay length {decay_length}",
+        )
+
+
+def _check_weight_decay(args):
+    if args.weight_decay_incr_style == "constant":
+        for flag, value in (("--start-weight-decay", args.start_weight_decay), ("--end-weight-decay", args.end_weight_decay)):
+            _require(
+                value is None or value == args.weight_decay,
+                f"{flag} {value} differs from --weight-decay {args.weight_decay} with --weight-decay-incr-style "
+                "constant; choose linear or cosine to change weight decay during training",
+            )
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+        return
+    _require(
+        args.start_weight_decay is not None and args.end_weight_decay is not None,
+        f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay and --end-weight-decay",
+    )
+    _require(
+        0.0 <= args.start_weight_decay <= args.end_weight_decay,
+        "--start-weight-decay must be >= 0 and not above --end-weight-decay",
+    )
+
+
+def _check_precision(args):
+    import torch
+
+    _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive; choose one")
+    args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    if args.bf16:
+        args.accumulate_allreduce_grads_in_fp32 = True
+    _require(args.loss_scale is None or args.loss_scale > 0, "--loss-scale must be positive")
+    _require(
+        0 < args.min_loss_scale <= args.initial_loss_scale,
+        "--min-loss-scale must be positive and not above --initial-loss-scale",
+    )
+    _require(args.loss_scale_window > 0, "--loss-scale-window must be positive")
+    _require(args.hysteresis >= 1, "--hysteresis must be at least 1")
+    _require(args.clip_grad >= 0.0, "--clip-grad must not be negative (0 disables clipping)")
+
+
+def _check_checkpointing(args):
+    _require(
+        args.save_interval is None or args.save is not None,
+        "--save-interval needs --save DIR to write the checkpoints to",
+    )
+    _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
+    for flag, value in (
+        ("--ckpt-step", args.ckpt_step),
+        ("--use-checkpoint-args", args.use_checkpoint_args),
+        ("--exit-on-missing-checkpoint", args.exit_on_missing_checkpoint),
+        ("--finetune", args.finetune),
+    ):
+        _require(value in (None, False) or args.load is not None, f"{flag} needs --load DIR")
+    _require(args.ckpt_step is None or args.ckpt_step >= 0, "--ckpt-step must not be negative")
+
+
+def _check_recompute(args):
+    if args.recompute_granularity != "full":
+        _require(
+            args.recompute_method is None and args.recompute_num_layers is None,
+            "--recompute-method and --recompute-num-layers need --recompute-granularity full",
+        )
+        return
+    _require(
+        args.recompute_method is not None and args.recompute_num_layers is not None,
+        "--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N",
+    )
+    layers = getattr(args, "num_layers", None)
+    per_stage = layers // args.pipeline_model_parallel_size if layers else None
+    _require(
+        args.recompute_num_layers > 0 and (per_stage is None or args.recompute_num_layers <= per_stage),
+        f"--recompute-num-layers {args.recompute_num_layers} must lie between 1 and the layers per pipeline "
+        f"stage ({per_stage})",
+    )
+
+
+def _check_device(args):
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require(
+        args.device == "cpu" or torch.cuda.is_available(),
+        "--device cuda was requested but torch sees no CUDA device; use --device cpu",
+    )
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
+    _require(
+        not (args.distributed_backend == "nccl" and args.device == "cpu"),
+        "--distributed-backend nccl needs CUDA devices; use gloo with --device cpu",
+    )
+
+
+def _check_logging(args):
+    _require(
+        args.device_peak_tflops is None or args.device_peak_tflops > 0, "--device-peak-tflops must be positive"
+    )
+    _require(args.tensorboard_log_interval > 0, "--tensorboard-log-interval must be positive")
 
 
 def add_tokenizer_args(parser):
@@ -65,6 +445,307 @@ def add_tokenizer_args(parser):
     return parser
 
 
+def _add_training_args(parser):
+    """Batch sizes, iteration counts, recomputation, exits and the optimizer choice."""
+    group = parser.add_argument_group(title="training")
+    group.add_argument("--micro-batch-size", type=int, default=None, help="Samples per micro batch per model instance.")
+    group.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="Samples per optimizer step across all data-parallel ranks (default: micro batch x data-parallel "
+        "size); micro batches are accumulated to reach it.",
+    )
+    group.add_argument(
+        "--rampup-batch-size",
+        nargs="*",
+        default=None,
+        help="START INCREMENT SAMPLES: grow the global batch from START by INCREMENT, evenly over SAMPLES "
+        "consumed samples (sample-based training only).",
+    )
+    group.add_argument(
+        "--decrease-batch-size-if-needed",
+        action="store_true",
+        help="Shrink the global batch to a multiple of micro batch x data-parallel size instead of failing.",
+    )
+    group.add_argument(
+        "--recompute-granularity",
+        type=str,
+        default=None,
+        choices=["full", "selective"],
+        help="Recompute activations in the backward pass: whole transformer layers (full) or only the "
+        "attention core (selective).",
+    )
+    group.add_argument(
+        "--recompute-method",
+        type=str,
+        default=None,
+        choices=["uniform", "block"],
+        help="With full granularity: uniform recomputes every chunk of --recompute-num-layers layers, "
+        "block recomputes only the first --recompute-num-layers layers.",
+    )
+    group.add_argument(
+        "--recompute-num-layers", type=int, default=None, help="Layers per recompute chunk (uniform) or recomputed layers (block)."
+    )
+    group.add_argument("--train-iters", type=int, default=None, help="Iterations to train (iteration-based training).")
+    group.add_argument(
+        "--train-samples", type=int, default=None, help="Samples to train on (sample-based training)."
+    )
+    group.add_argument("--log-interval", type=int, default=100, help="Iterations between log lines.")
+    group.add_argument(
+        "--exit-interval", type=int, default=None, help="Save (with --save) and exit when the iteration is a multiple of this."
+    )
+    group.add_argument(
+        "--exit-duration-in-mins", type=int, default=None, help="Save (with --save) and exit after this many minutes of training."
+    )
+    group.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="On SIGTERM or SIGINT finish the current iteration, save (with --save) and exit with status 0.",
+    )
+    group.add_argument(
+        "--no-check-for-nan-in-loss-and-grad",
+        action="store_false",
+        dest="check_for_nan_in_loss_and_grad",
+        help="Do not stop when the loss or the gradient norm is NaN or infinite.",
+    )
+    group.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
+    group.add_argument(
+        "--empty-unused-memory-level",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="Release cached accelerator memory: 1 after each step, 2 also after each evaluation.",
+    )
+    return parser
+
+
+def _add_initialization_args(parser):
+    """Seeds."""
+    group = parser.add_argument_group(title="initialization")
+    group.add_argument("--seed", type=int, default=1234, help="Seed of python, numpy, torch and the model-parallel RNGs.")
+    group.add_argument(
+        "--data-parallel-random-init",
+        action="store_true",
+        help="Initialise each data-parallel replica with its own seed instead of broadcasting rank 0's weights.",
+    )
+    return parser
+
+
+def _add_learning_rate_args(parser):
+    """The learning-rate schedule: warmup, decay style and length, WSD annealing."""
+    group = parser.add_argument_group(title="learning rate")
+    group.add_argument("--lr", type=float, default=None, help="Peak learning rate (after warmup).")
+    group.add_argument(
+        "--lr-decay-style",
+        type=str,
+        default="linear",
+        choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+        help="Learning-rate decay after warmup.",
+    )
+    group.add_argument(
+        "--lr-wsd-decay-style",
+        type=str,
+        default="exponential",
+        choices=["exponential", "linear", "cosine", "minus_sqrt"],
+        help="Shape of the final annealing phase of the WSD schedule.",
+    )
+    group.add_argument("--lr-decay-iters", type=int, default=None, help="Iterations to decay over (default: --train-iters).")
+    group.add_argument("--lr-decay-samples", type=int, default=None, help="Samples to decay over (default: --train-samples).")
+    group.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="Iterations of the WSD annealing phase.")
+    group.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="Samples of the WSD annealing phase.")
+    group.add_argument(
+        "--lr-warmup-fraction", type=float, default=None, help="Warmup length as a fraction of the decay length."
+    )
+    group.add_argument("--lr-warmup-iters", type=int, default=0, help="Iterations of linear warmup.")
+    group.add_argument("--lr-warmup-samples", type=int, default=0, help="Samples of linear warmup.")
+    group.add_argument("--lr-warmup-init", type=float, default=0.0, help="Learning rate at the start of warmup.")
+    group.add_argument("--min-lr", type=float, default=0.0, help="Floor of the decayed learning rate.")
+    group.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        action="store_true",
+        dest="override_opt_param_scheduler",
+        help="Use the schedule given by the flags and ignore the one stored in the checkpoint.",
+    )
+    group.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        action="store_true",
+        dest="use_checkpoint_opt_param_scheduler",
+        help="Take the schedule (lr, warmup, decay) from the checkpoint instead of the flags.",
+    )
+    return parser
+
+
+def _add_regularization_args(parser):
+    """Weight decay and its schedule, gradient clipping, Adam and SGD hyper-parameters."""
+    group = parser.add_argument_group(title="regularization")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="Decoupled weight decay (not applied to biases and norm weights).")
+    group.add_argument("--start-weight-decay", type=float, default=None, help="Weight decay at the start of training.")
+    group.add_argument("--end-weight-decay", type=float, default=None, help="Weight decay at the end of training.")
+    group.add_argument(
+        "--weight-decay-incr-style",
+        type=str,
+        default="constant",
+        choices=["constant", "linear", "cosine"],
+        help="How weight decay moves from --start-weight-decay to --end-weight-decay.",
+    )
+    group.add_argument("--clip-grad", type=float, default=1.0, help="Clip the global L2 gradient norm to this (0 disables).")
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
+    group.add_argument("--adam-eps", type=float, default=1e-08, help="Adam epsilon.")
+    group.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum.")
+    return parser
+
+
+def _add_checkpointing_args(parser):
+    """Where and when to save, what to load and what to skip."""
+    group = parser.add_argument_group(title="checkpointing")
+    group.add_argument("--save", type=str, default=None, help="Directory to save checkpoints to.")
+    group.add_argument("--save-interval", type=int, default=None, help="Iterations between checkpoint saves.")
+    group.add_argument("--no-save-optim", action="store_true", default=None, help="Do not save the optimizer state.")
+    group.add_argument("--no-save-rng", action="store_true", default=None, help="Do not save the RNG states.")
+    group.add_argument("--load", type=str, default=None, help="Directory to load a checkpoint from.")
+    group.add_argument("--no-load-optim", action="store_true", default=None, help="Do not load the optimizer state.")
+    group.add_argument("--no-load-rng", action="store_true", default=None, help="Do not load the RNG states.")
+    group.add_argument(
+        "--finetune",
+        action="store_true",
+        help="Load the model weights only and start at iteration 0 (no optimizer, RNG or iteration).",
+    )
+    group.add_argument(
+        "--use-checkpoint-args",
+        action="store_true",
+        help="Take the model-shaping flags (layers, sizes, ...) from the checkpoint being loaded.",
+    )
+    group.add_argument(
+        "--exit-on-missing-checkpoint",
+        action="store_true",
+        help="Fail when --load holds no checkpoint instead of starting from random weights.",
+    )
+    group.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration instead of the latest.")
+    group.add_argument(
+        "--ckpt-format",
+        type=str,
+        default="torch",
+        choices=["torch"],
+        help="Checkpoint format: torch (one model_optim_rng.pt per model-parallel rank).",
+    )
+    group.add_argument(
+        "--save-safetensors",
+        action="store_true",
+        help="Also write each rank's model weights as model.safetensors beside model_optim_rng.pt.",
+    )
+    return parser
+
+
+def _add_mixed_precision_args(parser):
+    """fp16 / bf16 training with fp32 master weights and loss scaling."""
+    group = parser.add_argument_group(title="mixed precision")
+    group.add_argument("--fp16", action="store_true", help="Train in float16 with dynamic loss scaling and fp32 master weights.")
+    group.add_argument("--bf16", action="store_true", help="Train in bfloat16 with fp32 master weights.")
+    group.add_argument("--loss-scale", type=float, default=None, help="A fixed fp16 loss scale (default: dynamic scaling).")
+    group.add_argument("--initial-loss-scale", type=float, default=2**32, help="First dynamic fp16 loss scale.")
+    group.add_argument("--min-loss-scale", type=float, default=1.0, help="Smallest dynamic fp16 loss scale.")
+    group.add_argument(
+        "--loss-scale-window", type=float, default=1000, help="Overflow-free steps before the dynamic loss scale doubles."
+    )
+    group.add_argument(
+        "--hysteresis", type=int, default=2, help="Overflowing steps tolerated before the dynamic loss scale halves."
+    )
+    group.add_argument(
+        "--accumulate-allreduce-grads-in-fp32",
+        action="store_true",
+        help="Accumulate and all-reduce gradients in fp32 (always on with --bf16).",
+    )
+    return parser
+
+
+def _add_distributed_args(parser):
+    """Parallel layout, process-group backend and data-parallel gradient reduction."""
+    group = parser.add_argument_group(title="distributed")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size.")
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
+    group.add_argument(
+        "--distributed-backend",
+        default=None,
+        choices=["nccl", "gloo"],
+        help="torch.distributed backend (default: nccl on CUDA, gloo on CPU).",
+    )
+    group.add_argument(
+        "--distributed-timeout-minutes", type=int, default=10, help="Timeout of collective operations, in minutes."
+    )
+    group.add_argument(
+        "--device",
+        type=str,
+        default=None,
+        choices=["cpu", "cuda"],
+        help="Device to train on (default: cuda when available, else cpu).",
+    )
+    group.add_argument(
+        "--ddp-bucket-size",
+        type=int,
+        default=None,
+        help="Gradient elements per data-parallel all-reduce bucket (default: one bucket, or 40M elements "
+        "with --overlap-grad-reduce).",
+    )
+    group.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="All-reduce each gradient bucket as soon as the backward pass fills it.",
+    )
+    group.add_argument(
+        "--local-rank", type=int, default=None, help="Set by the launcher; torchrun passes LOCAL_RANK in the environment."
+    )
+    return parser
+
+
+def _add_validation_args(parser):
+    """Periodic evaluation on the validation split."""
+    group = parser.add_argument_group(title="validation")
+    group.add_argument("--eval-iters", type=int, default=100, help="Iterations per evaluation (and of the final test).")
+    group.add_argument("--eval-interval", type=int, default=1000, help="Iterations between evaluations.")
+    group.add_argument("--skip-train", action="store_true", help="Skip training; only evaluate (after --load).")
+    return parser
+
+
+def _add_logging_args(parser):
+    """Log lines, TensorBoard, Weights & Biases and throughput accounting."""
+    group = parser.add_argument_group(title="logging")
+    group.add_argument("--log-params-norm", action="store_true", help="Log the L2 norm of the parameters.")
+    group.add_argument("--log-num-zeros-in-grad", action="store_true", help="Log the number of zero gradient entries.")
+    group.add_argument(
+        "--log-throughput",
+        action="store_true",
+        help="Accepted for compatibility: throughput (TFLOP/s, tokens/s, MFU) is always logged.",
+    )
+    group.add_argument(
+        "--device-peak-tflops",
+        type=float,
+        default=None,
+        help="Peak dense TFLOP/s of one device at the training dtype, for the MFU column (known GPUs are "
+        "looked up by name).",
+    )
+    group.add_argument("--tensorboard-dir", type=str, default=None, help="Write TensorBoard events here.")
+    group.add_argument("--tensorboard-log-interval", type=int, default=1, help="Iterations between TensorBoard writes.")
+    group.add_argument("--tensorboard-queue-size", type=int, default=1000, help="TensorBoard events buffered before a flush.")
+    group.add_argument("--log-memory-to-tensorboard", action="store_true", help="Write memory use to TensorBoard.")
+    group.add_argument("--wandb-project", type=str, default="", help="Weights & Biases project (logging on when set and wandb is installed).")
+    group.add_argument("--wandb-exp-name", type=str, default="", help="Weights & Biases run name.")
+    group.add_argument("--wandb-save-dir", type=str, default="", help="Weights & Biases local directory.")
+    return parser
+
+
 ARGUMENT_GROUPS = [
     add_tokenizer_args,
+    _add_training_args,
+    _add_initialization_args,
+    _add_learning_rate_args,
+    _add_regularization_args,
+    _add_checkpointing_args,
+    _add_mixed_precision_args,
+    _add_distributed_args,
+    _add_validation_args,
+    _add_logging_args,
 ]
