@@ -8,6 +8,7 @@ import difflib
 import os
 import sys
 
+import torch
 import yaml
 
 
@@ -164,7 +165,8 @@ def validate_args(args, defaults=None):
     _check_recompute(args)
     _check_device(args)
     _check_logging(args)
-    for area_check in ("_validate_data_args", "_validate_model_args", "_validate_parallel_args"):
+    _validate_model_args(args)
+    for area_check in ("_validate_data_args", "_validate_parallel_args"):
         if area_check in globals():
             globals()[area_check](args)
     args.consumed_train_samples = 0
@@ -277,6 +279,7 @@ def _check_training_length(args):
 def _check_learning_rate(args):
     if args.lr is None:
         _require(args.skip_train, "--lr is required for training")
+        args.lr = 0.0  # evaluation only: the optimizer is built but never steps
         return
     _require(0.0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie between 0 and --lr {args.lr}")
     _require(
@@ -330,8 +333,6 @@ def _check_weight_decay(args):
 
 
 def _check_precision(args):
-    import torch
-
     _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive; choose one")
     args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     if args.bf16:
@@ -383,8 +384,6 @@ def _check_recompute(args):
 
 
 def _check_device(args):
-    import torch
-
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     _require(
@@ -737,6 +736,262 @@ def _add_logging_args(parser):
     return parser
 
 
+def add_network_size_args(parser):
+    """Model architecture (shared by both stacks): sizes, positions, norms, activations, biases."""
+    group = parser.add_argument_group(title="network size")
+    group.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers.")
+    group.add_argument("--hidden-size", type=int, default=None, help="Transformer hidden size.")
+    group.add_argument(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="MLP width (default 4 x hidden size; with --swiglu 2/3 of that rounded down to a multiple of 64).",
+    )
+    group.add_argument("--num-attention-heads", type=int, default=None, help="Number of attention heads.")
+    group.add_argument(
+        "--kv-channels", type=int, default=None, help="Width of one attention head (default hidden size / heads)."
+    )
+    group.add_argument("--group-query-attention", action="store_true", help="Use grouped-query attention.")
+    group.add_argument(
+        "--num-query-groups", type=int, default=1, help="Key/value heads with --group-query-attention."
+    )
+    group.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="Longest sequence the position embeddings cover (default --seq-length).",
+    )
+    group.add_argument(
+        "--position-embedding-type",
+        type=str,
+        default="learned_absolute",
+        choices=["learned_absolute", "rope", "none"],
+        help="Learned absolute positions (GPT), rotary (Llama, Qwen) or none.",
+    )
+    group.add_argument("--rotary-base", type=float, default=10000, help="RoPE theta.")
+    group.add_argument(
+        "--rotary-percent", type=float, default=1.0, help="Fraction of each head's channels that rotate."
+    )
+    group.add_argument(
+        "--rotary-interleaved", action="store_true", help="Rotate adjacent channel pairs instead of the two halves."
+    )
+    group.add_argument(
+        "--rotary-seq-len-interpolation-factor",
+        type=int,
+        default=None,
+        help="Divide positions by this factor (linear RoPE interpolation).",
+    )
+    group.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1 RoPE frequency scaling.")
+    group.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Llama 3.1 RoPE scaling factor.")
+    group.add_argument(
+        "--rope-scaling-low-freq-factor", type=float, default=1.0, help="Llama 3.1 RoPE scaling low-frequency factor."
+    )
+    group.add_argument(
+        "--rope-scaling-high-freq-factor", type=float, default=4.0, help="Llama 3.1 RoPE scaling high-frequency factor."
+    )
+    group.add_argument(
+        "--rope-scaling-original-max-position-embeddings",
+        type=int,
+        default=8192,
+        help="Llama 3.1 RoPE scaling: the context length the model was trained with before scaling.",
+    )
+    group.add_argument(
+        "--normalization", type=str, default="LayerNorm", choices=["LayerNorm", "RMSNorm"], help="Norm type."
+    )
+    group.add_argument("--norm-epsilon", type=float, default=1e-5, help="Epsilon of every norm.")
+    group.add_argument(
+        "--apply-residual-connection-post-layernorm",
+        action="store_true",
+        help="Take the residual after the norm instead of before it.",
+    )
+    group.add_argument("--swiglu", action="store_true", help="Gated SiLU MLP (Llama) instead of GeLU.")
+    group.add_argument(
+        "--no-bias-gelu-fusion",
+        action="store_false",
+        dest="bias_gelu_fusion",
+        help="Exact erf GeLU instead of the fused bias-GeLU (tanh approximation, GPT-2's gelu_new).",
+    )
+    group.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="Give the output layer its own weight instead of the word embeddings.",
+    )
+    group.add_argument("--qk-layernorm", action="store_true", help="Normalise queries and keys per head (Qwen3).")
+    group.add_argument(
+        "--disable-bias-linear",
+        action="store_false",
+        dest="add_bias_linear",
+        help="No biases in the linear layers.",
+    )
+    group.add_argument(
+        "--add-qkv-bias", action="store_true", help="Bias on the query/key/value projection even without others."
+    )
+    return parser
+
+
+def add_model_regularization_args(parser):
+    """Dropout and weight initialisation of the model."""
+    group = parser.add_argument_group(title="model regularization and initialization")
+    group.add_argument("--hidden-dropout", type=float, default=0.1, help="Dropout on the residual branches.")
+    group.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on the attention probabilities.")
+    group.add_argument(
+        "--init-method-std", type=float, default=0.02, help="Standard deviation of the weight initialisation."
+    )
+    group.add_argument(
+        "--use-cpu-initialization",
+        action="store_true",
+        default=None,
+        help="Build each full weight on the CPU from the seed and keep this rank's slice (identical weights at "
+        "any parallel layout).",
+    )
+    return parser
+
+
+def add_model_stack_args(parser):
+    """Which model stack and kernels build the model."""
+    group = parser.add_argument_group(title="model stack")
+    group.add_argument(
+        "--use-legacy-models", action="store_true", help="Build the monolithic legacy model (megatron/legacy)."
+    )
+    group.add_argument(
+        "--use-mcore-models", action="store_true", help="Build the modular megatron.core model (the default)."
+    )
+    group.add_argument(
+        "--transformer-impl",
+        type=str,
+        default=None,
+        choices=["local", "transformer_engine"],
+        help="Layer kernels of the mcore stack (default local; transformer_engine needs that package).",
+    )
+    group.add_argument(
+        "--use-flash-attn",
+        action="store_true",
+        help="Restrict attention to the flash kernel of torch's scaled_dot_product_attention.",
+    )
+    group.add_argument(
+        "--attention-softmax-in-fp32",
+        action="store_true",
+        help="Compute the attention softmax in fp32 when the model runs in fp16/bf16.",
+    )
+    group.add_argument(
+        "--fp16-lm-cross-entropy",
+        action="store_true",
+        help="Compute the loss from fp16/bf16 logits instead of fp32 ones.",
+    )
+    return parser
+
+
+def _validate_model_args(args):
+    """Complete and check the model flags: defaults derived from other flags, one message per problem."""
+    from megatron.training.model_config import validate_model_args
+
+    validate_model_args(args)
+
+
+def add_data_args(parser):
+    """Datasets and loaders: where the tokens are, how they blend and split, how samples are cut and read."""
+    group = parser.add_argument_group(title="data and dataloader")
+    group.add_argument(
+        "--data-path",
+        nargs="*",
+        default=None,
+        help="Dataset prefixes (PREFIX for PREFIX.bin/.idx), weighted by their sizes (A B), or weight/prefix "
+        "pairs (0.3 A 0.7 B); --split divides each into train, valid and test.",
+    )
+    group.add_argument(
+        "--split",
+        type=str,
+        default=None,
+        help="Train, valid and test shares of --data-path's documents, e.g. 949,50,1 (default 969,30,1).",
+    )
+    group.add_argument("--train-data-path", nargs="*", default=None, help="Blend of the train split (forms as --data-path).")
+    group.add_argument("--valid-data-path", nargs="*", default=None, help="Blend of the valid split (forms as --data-path).")
+    group.add_argument("--test-data-path", nargs="*", default=None, help="Blend of the test split (forms as --data-path).")
+    group.add_argument(
+        "--data-args-path", type=str, default=None, help="File holding the --data-path tokens, for long blends."
+    )
+    group.add_argument(
+        "--per-split-data-args-path",
+        type=str,
+        default=None,
+        help='JSON file {"train": BLEND, "valid": BLEND, "test": BLEND}, each a list or string of --data-path tokens.',
+    )
+    group.add_argument(
+        "--data-cache-path",
+        type=str,
+        default=None,
+        help="Folder of the cached dataset indices (default: a cache folder beside each dataset).",
+    )
+    group.add_argument(
+        "--no-shared-storage",
+        action="store_true",
+        help="Nodes do not share --data-cache-path: the first rank of each node builds its own index cache.",
+    )
+    group.add_argument("--mock-data", action="store_true", help="Train on synthetic data instead of files.")
+    group.add_argument("--seq-length", type=int, default=None, help="Tokens per sample.")
+    group.add_argument(
+        "--reset-position-ids", action="store_true", help="Restart position ids after each end-of-document token."
+    )
+    group.add_argument(
+        "--reset-attention-mask", action="store_true", help="Stop attention across end-of-document tokens."
+    )
+    group.add_argument("--eod-mask-loss", action="store_true", help="Leave end-of-document tokens out of the loss.")
+    group.add_argument(
+        "--no-create-attention-mask-in-dataloader",
+        action="store_false",
+        dest="create_attention_mask_in_dataloader",
+        help="Leave the attention mask out of the samples (the model builds the causal mask itself).",
+    )
+    group.add_argument("--no-mmap-bin-files", action="store_false", dest="mmap_bin_files", help="Read .bin files without mmap.")
+    group.add_argument(
+        "--mid-level-dataset-surplus",
+        type=float,
+        default=0.005,
+        help="Extra fraction of samples each blended dataset builds beyond its share.",
+    )
+    group.add_argument(
+        "--num-dataset-builder-threads", type=int, default=1, help="Threads building the datasets of a blend."
+    )
+    group.add_argument("--num-workers", type=int, default=2, help="Dataloader worker processes.")
+    group.add_argument(
+        "--dataloader-type",
+        type=str,
+        default="single",
+        choices=["single", "cyclic"],
+        help="single: one pass in the datasets' order, resumable at the consumed samples; cyclic: reshuffled "
+        "passes repeated without end.",
+    )
+    return parser
+
+
+def _validate_data_args(args):
+    """One data source, well-formed blends and split, and a sequence length to cut samples by."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    from megatron.core.datasets.utils import DatasetError
+    from megatron.training.datasets.utils import data_sources, get_blend_and_blend_per_split
+
+    sources = data_sources(args)
+    _require(len(sources) <= 1, f"give one data source, not {' and '.join(sources)}")
+    divides_one_blend = args.data_path is not None or args.data_args_path is not None
+    if args.split is None and divides_one_blend:
+        args.split = "969, 30, 1"
+    _require(
+        args.split is None or divides_one_blend or args.mock_data,
+        "--split divides the documents of --data-path; per-split blends (--train-data-path ...) need no --split",
+    )
+    try:
+        if args.split is not None:
+            parse_and_normalize_split(args.split)
+        get_blend_and_blend_per_split(args)
+    except DatasetError as error:
+        raise ArgumentsError(str(error)) from None
+    _require(args.seq_length is None or args.seq_length > 0, "--seq-length must be positive")
+    _require(not sources or args.seq_length is not None, "give the sample length with --seq-length N")
+    _require(args.num_workers >= 0, "--num-workers must not be negative")
+    _require(args.num_dataset_builder_threads >= 1, "--num-dataset-builder-threads must be at least 1")
+    _require(args.mid_level_dataset_surplus >= 0, "--mid-level-dataset-surplus must not be negative")
+
+
 ARGUMENT_GROUPS = [
     add_tokenizer_args,
     _add_training_args,
@@ -748,4 +1003,8 @@ ARGUMENT_GROUPS = [
     _add_distributed_args,
     _add_validation_args,
     _add_logging_args,
+    add_network_size_args,
+    add_model_regularization_args,
+    add_model_stack_args,
+    add_data_args,
 ]

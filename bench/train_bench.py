@@ -1,0 +1,134 @@
+"""Training speed of one model config: tokens/s, TFLOP/s per device, MFU and peak memory on one final line.
+
+    python bench/train_bench.py --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256 [--bf16]
+    torchrun --nproc-per-node 2 bench/train_bench.py ...        (any parallel layout the flags allow)
+
+The model is a Llama-style stack by default (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases, a 32000-entry
+vocabulary); any training flag overrides it. Batches are random token ids, so the figure is the model step
+(forward, backward, optimizer) without the data pipeline. --bench-warmup steps are not timed. MFU needs the
+device's peak: known GPUs are looked up, otherwise pass --device-peak-tflops. --profile-dir DIR records the
+timed steps with torch.profiler (a Chrome trace in DIR) and prints where the time goes.
+"""
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpt_builders import model_provider  # noqa: E402
+from megatron.training.flops import num_floating_point_operations  # noqa: E402
+from megatron.training.global_vars import get_args  # noqa: E402
+from megatron.training.initialize import initialize_megatron  # noqa: E402
+from megatron.training.training import setup_model_and_optimizer, train_step, update_train_iters  # noqa: E402
+from megatron.training.utils import device_peak_tflops, peak_memory_gib, print_rank_0  # noqa: E402
+from pretrain_gpt import forward_step  # noqa: E402
+
+LLAMA_STYLE_FLAGS = [
+    "--normalization", "RMSNorm",
+    "--swiglu",
+    "--position-embedding-type", "rope",
+    "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear",
+    "--hidden-dropout", "0.0",
+    "--attention-dropout", "0.0",
+    "--tokenizer-type", "NullTokenizer",
+    "--vocab-size", "31999",
+    "--make-vocab-size-divisible-by", "1",
+    "--micro-batch-size", "4",
+    "--lr", "1e-4",
+    "--log-interval", "1000000",
+]
+
+
+def add_bench_args(parser):
+    group = parser.add_argument_group(title="benchmark")
+    group.add_argument("--bench-iters", type=int, default=10, help="Timed training steps.")
+    group.add_argument("--bench-warmup", type=int, default=3, help="Untimed steps before timing.")
+    group.add_argument("--profile-dir", type=str, default=None, help="Profile the timed steps into this folder.")
+    return parser
+
+
+def random_batches(args):
+    """Endless micro batches of uniformly random token ids (the same on every run)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    while True:
+        tokens = torch.randint(0, args.padded_vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=generator)
+        yield {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(args.micro_batch_size, args.seq_length),
+            "position_ids": torch.arange(args.seq_length).expand(args.micro_batch_size, -1),
+        }
+
+
+def synchronize(args):
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def run_steps(count, model, optimizer, scheduler, batches, profiler=None):
+    args = get_args()
+    seconds = []
+    for _ in range(count):
+        synchronize(args)
+        start = time.perf_counter()
+        train_step(forward_step, batches, model, optimizer, scheduler, args.iteration + 1)
+        synchronize(args)
+        seconds.append(time.perf_counter() - start)
+        args.iteration += 1
+        if profiler is not None:
+            profiler.step()
+    return seconds
+
+
+def main():
+    flags = LLAMA_STYLE_FLAGS + sys.argv[1:]
+    if "--train-iters" not in flags and "--train-samples" not in flags:
+        flags += ["--train-iters", "1000000"]
+    initialize_megatron(add_bench_args, args_list=flags)
+    args = get_args()
+    update_train_iters(args)
+    model, optimizer, scheduler = setup_model_and_optimizer(model_provider)
+    batches = random_batches(args)
+    run_steps(args.bench_warmup, model, optimizer, scheduler, batches)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if args.profile_dir:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if args.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(
+            activities=activities,
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(args.profile_dir),
+        ) as profiler:
+            seconds = run_steps(args.bench_iters, model, optimizer, scheduler, batches, profiler)
+        sort_key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        print_rank_0(profiler.key_averages().table(sort_by=sort_key, row_limit=25))
+    else:
+        seconds = run_steps(args.bench_iters, model, optimizer, scheduler, batches)
+
+    step_seconds = sum(seconds) / len(seconds)
+    tokens_per_second = args.global_batch_size * args.seq_length / step_seconds
+    tflops_per_device = num_floating_point_operations(args, args.global_batch_size) / step_seconds / 1e12 / args.world_size
+    peak = device_peak_tflops(args)
+    mfu = f"{100.0 * tflops_per_device / peak:.2f}%" if peak else "n/a (pass --device-peak-tflops)"
+    memory = torch.tensor([peak_memory_gib(args.device)], device="cuda" if args.device == "cuda" else "cpu")
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    print_rank_0(
+        f"train_bench | {args.num_layers} layers x hidden {args.hidden_size}, seq {args.seq_length}, {dtype}, "
+        f"global batch {args.global_batch_size}, {args.world_size} x {args.device} | step (ms): {step_seconds * 1000:.1f} | "
+        f"tokens/s: {tokens_per_second:.1f} | TFLOP/s per device: {tflops_per_device:.3f} | MFU: {mfu} | "
+        f"peak memory (GiB): {memory.item():.3f}"
+    )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+#!/bin/bash
+# Llama-2 7B pretraining on the legacy stack (--use-legacy-models):
+# examples/mcore/llama2/pretrain_llama2_7b_ptd.sh with STACK=legacy, the same shapes and variables (override
+# any of them from the environment).
+STACK=legacy exec bash "$(dirname "$0")/../../mcore/llama2/pretrain_llama2_7b_ptd.sh" "$@"

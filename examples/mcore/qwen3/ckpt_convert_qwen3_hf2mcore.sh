@@ -1,0 +1,22 @@
+#!/bin/bash
+# Convert a Hugging Face qwen3 model (config.json + safetensors or pytorch_model.bin) into a torch-format
+# mcore checkpoint at a chosen tensor/pipeline layout. Train from it with
+#   --load $SAVE_DIR --finetune   (or --no-load-optim --no-load-rng)
+# Override any variable from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+LOAD_DIR=${LOAD_DIR:-model_from_hf/qwen3_0point6b}
+SAVE_DIR=${SAVE_DIR:-model_weights/qwen3_0point6b_mcore_tp${TP:-1}_pp${PP:-1}}
+TP=${TP:-1}
+PP=${PP:-1}
+
+python tools/checkpoint/convert.py \
+    --load-model-type hf \
+    --save-model-type mg \
+    --model-type-hf qwen3 \
+    --load-dir "$LOAD_DIR" \
+    --save-dir "$SAVE_DIR" \
+    --target-tensor-parallel-size "$TP" \
+    --target-pipeline-parallel-size "$PP" \
+    --use-mcore-models

@@ -1,0 +1,50 @@
+"""Build this rank's GPT model from parsed flags: the legacy stack with --use-legacy-models, else mcore."""
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.legacy.model import GPTModel as LegacyGPTModel
+from megatron.training.model_config import ModelArgumentsError, core_transformer_config_from_args
+
+
+def gpt_model_kwargs(args) -> dict:
+    """The constructor keywords both stacks share, from the flags."""
+    padded_vocab_size = getattr(args, "padded_vocab_size", None)
+    if padded_vocab_size is None:
+        raise ModelArgumentsError(
+            "the model's vocabulary size is unknown: build the tokenizer first (--tokenizer-type ...), which sets "
+            "args.padded_vocab_size"
+        )
+    return dict(
+        vocab_size=padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        rope_scaling_low_freq_factor=args.rope_scaling_low_freq_factor,
+        rope_scaling_high_freq_factor=args.rope_scaling_high_freq_factor,
+        rope_scaling_original_max_position_embeddings=args.rope_scaling_original_max_position_embeddings,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+    )
+
+
+def gpt_builder(args, pre_process: bool = True, post_process: bool = True, vp_stage=None, config=None):
+    """The model chunk for this rank (`pre_process`: holds the embedding, `post_process`: the output layer)."""
+    if config is None:
+        config = core_transformer_config_from_args(args)
+    kwargs = gpt_model_kwargs(args)
+    if args.use_legacy_models:
+        return LegacyGPTModel(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, **kwargs)
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
+    return GPTModel(config, spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, **kwargs)
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None):
+    """pretrain_gpt.py's model provider: the model the global args describe."""
+    from megatron.training.global_vars import get_args
+
+    return gpt_builder(get_args(), pre_process, post_process, vp_stage)

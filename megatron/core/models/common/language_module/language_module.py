@@ -1,0 +1,75 @@
+"""LanguageModule: what every language model shares: the loss over vocab-parallel logits and the word
+embeddings tied between the first and last pipeline stages."""
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+
+
+def language_model_loss(labels: torch.Tensor, logits: torch.Tensor, fp16_lm_cross_entropy: bool) -> torch.Tensor:
+    """Per-token cross entropy [b, s] from labels [b, s] and sequence-first logits [s, b, v/tp]."""
+    if not fp16_lm_cross_entropy:
+        logits = logits.float()
+    loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
+    return loss.transpose(0, 1).contiguous()
+
+
+def output_logits_or_loss(
+    output_layer, hidden_states, weight, labels, parallel_output: bool, fp16_lm_cross_entropy: bool
+) -> torch.Tensor:
+    """The last stage's tail: logits [b, s, v/tp] (all of v unless `parallel_output`), or with `labels` the
+    per-token loss [b, s] computed on the vocab-parallel logits."""
+    logits, _ = output_layer(hidden_states, weight=weight)
+    if labels is not None:
+        return language_model_loss(labels, logits, fp16_lm_cross_entropy)
+    if not parallel_output:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits.transpose(0, 1).contiguous()
+
+
+def single_input_tensor(input_tensor):
+    """Pipeline schedules hand a stage a list of one tensor (or the tensor itself)."""
+    if isinstance(input_tensor, (list, tuple)):
+        if len(input_tensor) != 1:
+            raise ValueError(f"a GPT stage takes one input tensor, got {len(input_tensor)}")
+        return input_tensor[0]
+    return input_tensor
+
+
+def tie_word_embeddings_across_pipeline(weight: torch.Tensor, holds_input_embedding: bool) -> None:
+    """Make the last stage's output weight a copy of the first stage's word embeddings.
+
+    The output copy starts at zero and is summed with the real one over the embedding group; `shared_embedding`
+    marks both so their gradients are summed over that group after every backward pass.
+    """
+    weight.shared_embedding = True
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if not holds_input_embedding:
+        weight.data.fill_(0)
+        weight.shared = True
+    if parallel_state.is_rank_in_embedding_group():
+        torch.distributed.all_reduce(weight.data, group=parallel_state.get_embedding_group())
+
+
+class LanguageModule(MegatronModule):
+    """Base of GPTModel: the embedding/output-layer tie."""
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Tie the output layer to the word embeddings across pipeline stages (nothing when untied or
+        when one stage holds both, which then share one tensor)."""
+        if not self.share_embeddings_and_output_weights:
+            return
+        if self.pre_process:
+            tie_word_embeddings_across_pipeline(self.embedding.word_embeddings.weight, holds_input_embedding=True)
+        elif self.post_process:
+            tie_word_embeddings_across_pipeline(self.output_layer.weight, holds_input_embedding=False)
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        """The tensor that serves as word embeddings and output weight on this stage."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight

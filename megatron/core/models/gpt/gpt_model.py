@@ -1,0 +1,145 @@
+"""GPTModel: embedding -> TransformerBlock -> final norm -> output layer, for one pipeline stage."""
+
+from typing import Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.inference_params import InferenceParams
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import (
+    LanguageModule,
+    output_logits_or_loss,
+    single_input_tensor,
+)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+
+
+def check_position_embedding_type(position_embedding_type: str) -> None:
+    if position_embedding_type not in POSITION_EMBEDDING_TYPES:
+        raise ValueError(
+            f"position_embedding_type {position_embedding_type!r}: "
+            f"choose one of {', '.join(POSITION_EMBEDDING_TYPES)}"
+        )
+
+
+def rotary_sequence_length(
+    config: TransformerConfig, hidden_states: torch.Tensor, inference_params: Optional[InferenceParams]
+) -> int:
+    """Positions the rotary table must cover: the cache length when generating, else the full sequence
+    (the local sequence times the tensor-parallel size when it is sharded)."""
+    if inference_params is not None:
+        return inference_params.max_sequence_length
+    length = hidden_states.size(0)
+    if config.sequence_parallel:
+        length *= parallel_state.get_tensor_model_parallel_world_size()
+    return length
+
+
+class GPTModel(LanguageModule):
+    """A decoder-only language model (Megatron-core constructor and forward signatures).
+
+    forward returns logits [b, s, vocab/tp] when `labels` is None, else the per-token loss [b, s];
+    stages other than the last return their hidden states [s, b, h].
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: ModuleSpec,
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        fp16_lm_cross_entropy: bool = False,
+        parallel_output: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        position_embedding_type: str = "learned_absolute",
+        rotary_percent: float = 1.0,
+        rotary_base: float = 10000,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
+        rope_scaling_low_freq_factor: float = 1.0,
+        rope_scaling_high_freq_factor: float = 4.0,
+        rope_scaling_original_max_position_embeddings: int = 8192,
+        seq_len_interpolation_factor: Optional[float] = None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config)
+        check_position_embedding_type(position_embedding_type)
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.position_embedding_type = position_embedding_type
+        self.vp_stage = vp_stage
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
+        if position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(
+                kv_channels=config.kv_channels,
+                rotary_percent=rotary_percent,
+                rotary_interleaved=config.rotary_interleaved,
+                seq_len_interpolation_factor=seq_len_interpolation_factor,
+                rotary_base=rotary_base,
+                rope_scaling=rope_scaling,
+                rope_scaling_factor=rope_scaling_factor,
+                rope_scaling_low_freq_factor=rope_scaling_low_freq_factor,
+                rope_scaling_high_freq_factor=rope_scaling_high_freq_factor,
+                rope_scaling_original_max_position_embeddings=rope_scaling_original_max_position_embeddings,
+                use_cpu_initialization=config.use_cpu_initialization,
+            )
+        self.decoder = TransformerBlock(
+            config, transformer_layer_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+        )
+        if post_process:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+            )
+        self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand in the previous stage's activations."""
+        self.decoder.set_input_tensor(single_input_tensor(input_tensor))
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        decoder_input: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        inference_params: Optional[InferenceParams] = None,
+    ) -> torch.Tensor:
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids, position_ids)
+
+        rotary_pos_emb = None
+        if self.position_embedding_type == "rope":
+            reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
+            rotary_pos_emb = self.rotary_pos_emb(rotary_sequence_length(self.config, reference, inference_params))
+
+        hidden_states = self.decoder(decoder_input, attention_mask, inference_params, rotary_pos_emb)
+        if not self.post_process:
+            return hidden_states
+
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        return output_logits_or_loss(
+            self.output_layer, hidden_states, output_weight, labels, self.parallel_output, self.fp16_lm_cross_entropy
+        )

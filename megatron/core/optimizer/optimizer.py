@@ -1,0 +1,225 @@
+"""Optimizer wrappers around a torch optimizer: gradients from the DDP buffer, clipping, mixed precision.
+
+`step()` returns (update_successful, grad_norm, num_zeros_in_grad); an fp16 step whose gradients overflowed
+is skipped (update_successful False, grad_norm None) and the loss scale backs off.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from megatron.core.optimizer.clip_grads import (
+    clip_grad_by_total_norm_fp32,
+    count_zeros_fp32,
+    get_grad_norm_fp32,
+    grads_for_norm,
+)
+from megatron.core.optimizer.grad_scaler import MegatronGradScaler
+from megatron.core.optimizer.optimizer_config import OptimizerConfig
+
+
+class MegatronOptimizer(ABC):
+    """The interface the training loop uses, whatever the precision and parallel layout."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        config: OptimizerConfig,
+        grad_stats_parallel_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
+        self.optimizer = optimizer
+        self.config = config
+        self.grad_stats_parallel_group = grad_stats_parallel_group
+
+    @property
+    def param_groups(self) -> List[dict]:
+        """The torch optimizer's groups; the scheduler writes lr and weight_decay into them."""
+        return self.optimizer.param_groups
+
+    def get_parameters(self) -> List[torch.nn.Parameter]:
+        """The parameters the torch optimizer updates (fp32 master copies under mixed precision)."""
+        return [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    def get_loss_scale(self) -> float:
+        return 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on."""
+        return loss * self.get_loss_scale()
+
+    def get_grad_norm(self) -> float:
+        return get_grad_norm_fp32(
+            grads_for_norm(self.get_parameters()), 2.0, self.grad_stats_parallel_group
+        )
+
+    def count_zeros(self) -> int:
+        return count_zeros_fp32(grads_for_norm(self.get_parameters()), self.grad_stats_parallel_group)
+
+    def _clip_and_step(self) -> Tuple[float, Optional[int]]:
+        """Norm, optional clipping, the torch step; returns (grad_norm, num_zeros_in_grad)."""
+        grad_norm = self.get_grad_norm()
+        if self.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(self.get_parameters(), self.config.clip_grad, grad_norm)
+        num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+        self.optimizer.step()
+        return grad_norm, num_zeros
+
+    @abstractmethod
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients the torch optimizer sees (the DDP buffer is zeroed by the model)."""
+
+    @abstractmethod
+    def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
+        """One update: (update_successful, grad_norm, num_zeros_in_grad)."""
+
+    @abstractmethod
+    def reload_model_params(self) -> None:
+        """Refresh any copies of the model weights after the model was loaded without optimizer state."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything a checkpoint needs to continue the updates exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore `state_dict()`."""
+
+
+def _main_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient accumulated for `param`: its DDP buffer slice when wrapped, else `.grad`."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
+
+
+class FP32Optimizer(MegatronOptimizer):
+    """Full-precision training: the torch optimizer updates the model's own fp32 parameters."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.get_parameters():
+            if set_to_none or param.grad is None:
+                param.grad = None
+            else:
+                param.grad.zero_()
+
+    def step(self):
+        for param in self.get_parameters():
+            param.grad = _main_grad(param)
+        grad_norm, num_zeros = self._clip_and_step()
+        return True, grad_norm, num_zeros
+
+    def reload_model_params(self) -> None:
+        """The optimizer updates the model's parameters directly: nothing to copy."""
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
+class Float16OptimizerWithFloat16Params(MegatronOptimizer):
+    """fp16/bf16 model weights with fp32 master copies that the torch optimizer updates.
+
+    Gradients (accumulated in the model's buffer, in fp32 when asked) are copied to the masters, unscaled
+    and checked for overflow (fp16), clipped, applied, and the masters are copied back into the model.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        config: OptimizerConfig,
+        grad_scaler: Optional[MegatronGradScaler],
+        grad_stats_parallel_group=None,
+        found_inf_reduce: Optional[Callable[[torch.Tensor], None]] = None,
+    ):
+        super().__init__(optimizer, config, grad_stats_parallel_group)
+        if config.fp16 and grad_scaler is None:
+            raise ValueError("fp16 training needs a grad scaler")
+        self.grad_scaler = grad_scaler
+        self.found_inf_reduce = found_inf_reduce
+        self.model_params: List[torch.nn.Parameter] = []
+        self.main_params: List[torch.nn.Parameter] = []
+        for group in optimizer.param_groups:
+            masters = []
+            for param in group["params"]:
+                master = param
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    master = torch.nn.Parameter(param.detach().clone().float())
+                    for attribute in ("tensor_model_parallel", "shared"):
+                        if hasattr(param, attribute):
+                            setattr(master, attribute, getattr(param, attribute))
+                self.model_params.append(param)
+                self.main_params.append(master)
+                masters.append(master)
+            group["params"] = masters
+        # Adam's state was keyed by the original tensors; nothing was stepped yet, so start clean.
+        self.optimizer.state.clear()
+
+    def get_loss_scale(self) -> float:
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Master gradients are fresh copies each step, so they are always dropped."""
+        for param in self.model_params + self.main_params:
+            param.grad = None
+
+    def _copy_model_grads_to_main_grads(self) -> None:
+        for model_param, main_param in zip(self.model_params, self.main_params):
+            grad = _main_grad(model_param)
+            main_param.grad = None if grad is None else grad.float()
+
+    def _unscale_and_check_for_inf(self) -> bool:
+        """Divide the master gradients by the loss scale; True when any of them is inf or NaN anywhere."""
+        grads = [param.grad for param in self.main_params if param.grad is not None]
+        if not grads:
+            return False
+        torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
+        finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all()
+        found_inf = (~finite).float().reshape(1)
+        if self.found_inf_reduce is not None:
+            self.found_inf_reduce(found_inf)
+        return bool(found_inf.item() > 0)
+
+    def _copy_main_params_to_model_params(self) -> None:
+        with torch.no_grad():
+            for model_param, main_param in zip(self.model_params, self.main_params):
+                if model_param is not main_param:
+                    model_param.copy_(main_param)
+
+    def step(self):
+        self._copy_model_grads_to_main_grads()
+        if self.grad_scaler is not None:
+            found_inf = self._unscale_and_check_for_inf()
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None, None
+        grad_norm, num_zeros = self._clip_and_step()
+        self._copy_main_params_to_model_params()
+        return True, grad_norm, num_zeros
+
+    def reload_model_params(self) -> None:
+        with torch.no_grad():
+            for model_param, main_param in zip(self.model_params, self.main_params):
+                if model_param is not main_param:
+                    main_param.copy_(model_param)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "fp32_from_fp16_params": [param.detach().clone() for param in self.main_params],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        if self.grad_scaler is not None and state_dict.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        saved = state_dict["fp32_from_fp16_params"]
+        if len(saved) != len(self.main_params):
+            raise ValueError(
+                f"the checkpoint holds {len(saved)} master parameters but the model has {len(self.main_params)}"
+            )
+        with torch.no_grad():
+            for main_param, saved_param in zip(self.main_params, saved):
+                main_param.copy_(saved_param)

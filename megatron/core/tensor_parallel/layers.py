@@ -1,0 +1,251 @@
+"""Tensor-parallel layers: each rank holds a slice of the weight and the collectives make the result
+equal to the unsplit layer's.
+
+ColumnParallelLinear splits the output features (rows of the weight), RowParallelLinear the input
+features (columns), VocabParallelEmbedding the vocabulary. Every parameter records how it is split
+(`tensor_model_parallel`, `partition_dim`, `partition_stride`) for gradient-norm and checkpoint code.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.utils import divide
+
+def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int, stride: int) -> None:
+    """Record how `tensor` is split over tensor-parallel ranks."""
+    tensor.tensor_model_parallel = is_parallel
+    tensor.partition_dim = dim
+    tensor.partition_stride = stride
+
+
+def param_is_not_tensor_parallel_duplicate(param: torch.Tensor) -> bool:
+    """True for a split parameter, or for the rank-0 copy of a replicated one: count each weight once."""
+    return getattr(param, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def parameter_device(config: ModelParallelConfig) -> torch.device:
+    """Where new parameters live: the CPU for CPU initialisation or CPU-only machines, else this GPU."""
+    return default_device(config.use_cpu_initialization)
+
+
+def default_device(use_cpu_initialization: bool) -> torch.device:
+    if use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _initialize_slice_from_master(
+    weight: torch.Tensor,
+    full_shape,
+    partition_dim: int,
+    stride: int,
+    init_method: Callable,
+) -> None:
+    """Initialise the full weight from the default generator and copy this rank's slice into `weight`.
+
+    Every rank draws the same full weight, so the split model starts equal to the unsplit one. `stride`
+    > 1 means the weight is a concatenation of `stride` parts each split separately (e.g. [gate; up]).
+    """
+    master = torch.empty(full_shape, dtype=torch.float32)
+    init_method(master)
+    master = master.to(dtype=weight.dtype)
+    world_size = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    piece = divide(weight.size(partition_dim), stride)
+    pieces = torch.split(master, piece, dim=partition_dim)
+    mine = torch.cat(pieces[rank::world_size], dim=partition_dim)
+    with torch.no_grad():
+        weight.copy_(mine)
+
+
+def _initialize_weight(
+    weight: torch.Tensor,
+    full_shape,
+    config: ModelParallelConfig,
+    init_method: Callable,
+    partition_dim: int,
+    stride: int = 1,
+) -> None:
+    set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
+    if not config.perform_initialization:
+        return
+    if config.use_cpu_initialization:
+        _initialize_slice_from_master(weight, full_shape, partition_dim, stride, init_method)
+    else:
+        # Each rank draws its own slice from its tensor-parallel stream: different slices per rank.
+        with get_cuda_rng_tracker().fork():
+            init_method(weight)
+
+
+def _new_parameter(shape, config: ModelParallelConfig, zero: bool = False) -> torch.nn.Parameter:
+    allocate = torch.zeros if zero else torch.empty
+    return torch.nn.Parameter(allocate(shape, dtype=config.params_dtype, device=parameter_device(config)))
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding whose vocabulary rows are split over tensor-parallel ranks.
+
+    Each rank looks up the ids in its own range (zeros elsewhere) and the partial results are summed:
+    all-reduced, or reduce-scattered along the sequence when `reduce_scatter_embeddings` (sequence
+    parallelism; the input is then [b, s] and the output [s/tp, b, h]).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        init_method: Callable,
+        config: ModelParallelConfig,
+        reduce_scatter_embeddings: bool = False,
+    ):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.reduce_scatter_embeddings = reduce_scatter_embeddings
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        if num_embeddings % world_size:
+            raise ValueError(
+                f"vocabulary size {num_embeddings} is not divisible by the tensor-parallel size {world_size}; "
+                "pad it with --make-vocab-size-divisible-by"
+            )
+        self.num_embeddings_per_partition = num_embeddings // world_size
+        self.vocab_start_index = parallel_state.get_tensor_model_parallel_rank() * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        self.weight = _new_parameter((self.num_embeddings_per_partition, embedding_dim), config)
+        _initialize_weight(self.weight, (num_embeddings, embedding_dim), config, init_method, partition_dim=0)
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            local_ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+            output = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            output = F.embedding(input_, self.weight)
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous())
+        return reduce_from_tensor_model_parallel_region(output)
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Y = XA + b with A split along its output features: rank r computes Y_r = X A_r + b_r.
+
+    Returns (output, bias): the bias is returned instead of added when `skip_bias_add`, so the caller can
+    fuse it into the next elementwise op. `skip_weight_param_allocation` makes a layer whose weight is
+    passed to forward (the output layer tied to the word embeddings).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Callable,
+        bias: bool = True,
+        gather_output: bool = False,
+        stride: int = 1,
+        skip_bias_add: bool = False,
+        skip_weight_param_allocation: bool = False,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = config.sequence_parallel
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.output_size_per_partition = divide(output_size, world_size)
+        if skip_weight_param_allocation:
+            self.weight = None
+        else:
+            self.weight = _new_parameter((self.output_size_per_partition, input_size), config)
+            _initialize_weight(self.weight, (output_size, input_size), config, init_method, 0, stride)
+        if bias:
+            self.bias = _new_parameter((self.output_size_per_partition,), config, zero=True)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None):
+        if weight is None:
+            if self.weight is None:
+                raise RuntimeError("this ColumnParallelLinear has no weight of its own; pass weight= to forward")
+            weight = self.weight
+        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} passed to a ColumnParallelLinear expecting "
+                f"{(self.output_size_per_partition, self.input_size)}"
+            )
+        if self.sequence_parallel:
+            input_parallel = gather_from_sequence_parallel_region(input_)
+        else:
+            input_parallel = copy_to_tensor_model_parallel_region(input_)
+        bias = None if self.skip_bias_add else self.bias
+        output = F.linear(input_parallel, weight, bias)
+        if self.gather_output:
+            output = gather_from_tensor_model_parallel_region(output)
+        return output, (self.bias if self.skip_bias_add else None)
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Y = XA + b with A split along its input features: rank r computes X_r A_r and the partial
+    products are summed (all-reduce, or reduce-scatter along the sequence with sequence parallelism).
+    The bias is replicated and added once, after the sum."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Callable,
+        bias: bool = True,
+        input_is_parallel: bool = False,
+        skip_bias_add: bool = False,
+        stride: int = 1,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = config.sequence_parallel
+        if self.sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence parallelism needs RowParallelLinear inputs that are already split")
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.input_size_per_partition = divide(input_size, world_size)
+        self.weight = _new_parameter((output_size, self.input_size_per_partition), config)
+        _initialize_weight(self.weight, (output_size, input_size), config, init_method, 1, stride)
+        if bias:
+            self.bias = _new_parameter((output_size,), config, zero=True)
+            set_tensor_model_parallel_attributes(self.bias, False, -1, 1)
+            # Replicated over tensor-parallel ranks; with sequence parallelism each rank sees only part of
+            # the sequence, so its gradient must be all-reduced over those ranks.
+            self.bias.sequence_parallel = self.sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor):
+        input_parallel = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(input_)
+        output_parallel = F.linear(input_parallel, self.weight)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel)
+        else:
+            output = reduce_from_tensor_model_parallel_region(output_parallel)
+        if self.skip_bias_add or self.bias is None:
+            return output, (self.bias if self.skip_bias_add else None)
+        return output + self.bias, None

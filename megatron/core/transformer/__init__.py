@@ -1,0 +1,1 @@
+"""Transformer building blocks: config, specs, attention, MLP, layer, block."""

@@ -1,0 +1,97 @@
+"""softmax(Q K^T / sqrt(d)) V through torch.nn.functional.scaled_dot_product_attention, which picks a
+flash / memory-efficient kernel where the device has one. Shared by both model stacks."""
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+_SDPA_BACKENDS = {
+    AttnBackend.flash: [SDPBackend.FLASH_ATTENTION],
+    AttnBackend.fused: [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION],
+    AttnBackend.unfused: [SDPBackend.MATH],
+    AttnBackend.local: [SDPBackend.MATH],
+}
+
+
+def attention_kernel_context(backend: AttnBackend):
+    """Restrict torch's kernel choice to the requested backend (no restriction for `auto`)."""
+    if backend == AttnBackend.auto:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_SDPA_BACKENDS[backend])
+
+
+def _bottom_right_causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:
+    """True where query i (the last `query_length` positions of `key_length`) may attend to key j."""
+    query_positions = torch.arange(key_length - query_length, key_length, device=device).unsqueeze(-1)
+    return torch.arange(key_length, device=device).unsqueeze(0) <= query_positions
+
+
+class DotProductAttention(MegatronModule):
+    """Attention over per-head queries [sq, b, heads, d] and keys/values [sk, b, groups, d] -> [sq, b, heads*d].
+
+    `attention_mask` (bool, True = masked out, broadcastable to [b, 1, sq, sk]) is used when given;
+    otherwise the mask is causal, aligned so the last query sees every key (as when decoding with a cache).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        softmax_scale: Optional[float] = None,
+    ):
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.num_heads_per_partition = divide(config.num_attention_heads, world_size)
+        self.num_groups_per_partition = divide(config.num_query_groups, world_size)
+
+    def forward(self, query, key, value, attention_mask: Optional[torch.Tensor] = None):
+        query_length, key_length = query.size(0), key.size(0)
+        # [s, b, n, d] -> [b, n, s, d]
+        query, key, value = (tensor.permute(1, 2, 0, 3) for tensor in (query, key, value))
+        heads_per_group = self.num_heads_per_partition // self.num_groups_per_partition
+        if heads_per_group > 1:
+            key = key.repeat_interleave(heads_per_group, dim=1)
+            value = value.repeat_interleave(heads_per_group, dim=1)
+
+        mask, is_causal = self._mask(attention_mask, query_length, key_length, query.device)
+        output_dtype = query.dtype
+        if self.config.attention_softmax_in_fp32 and query.device.type == "cpu" and output_dtype != torch.float32:
+            # GPU kernels accumulate the softmax in fp32 already; the CPU kernels follow the input dtype.
+            query, key, value = query.float(), key.float(), value.float()
+
+        dropout = self.config.attention_dropout if self.training else 0.0
+        # Heads are split over tensor-parallel ranks, so their dropout masks must differ between ranks;
+        # with sequence parallelism the whole block already runs inside the tensor-parallel stream.
+        use_tracker = dropout > 0.0 and not self.config.sequence_parallel
+        with get_cuda_rng_tracker().fork() if use_tracker else contextlib.nullcontext():
+            with attention_kernel_context(self.config.attention_backend):
+                context = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+                )
+        # [b, n, sq, d] -> [sq, b, n * d]
+        context = context.to(output_dtype).permute(2, 0, 1, 3)
+        return context.reshape(query_length, context.size(1), -1)
+
+    def _mask(self, attention_mask, query_length: int, key_length: int, device):
+        """(boolean keep-mask or None, is_causal) for scaled_dot_product_attention."""
+        if attention_mask is not None:
+            return ~attention_mask, False
+        if self.attn_mask_type == AttnMaskType.no_mask or query_length == 1:
+            return None, False
+        if query_length == key_length:
+            return None, True
+        return _bottom_right_causal_mask(query_length, key_length, device), False

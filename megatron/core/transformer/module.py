@@ -1,0 +1,60 @@
+"""MegatronModule: the base of every model module, which checks checkpoints against its own shapes."""
+
+from typing import List
+
+import torch
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class StateDictMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model built from the flags."""
+
+
+def describe_state_dict_mismatch(expected: dict, given: dict, strict: bool = True) -> List[str]:
+    """Human-readable differences between the model's state dict and a checkpoint's (empty if they fit)."""
+    problems = []
+    missing = [name for name in expected if name not in given]
+    if missing:
+        problems.append(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    unexpected = [name for name in given if name not in expected]
+    if unexpected and strict:
+        problems.append(f"the checkpoint holds {len(unexpected)} tensor(s) the model lacks, e.g. {unexpected[0]}")
+    for name, tensor in given.items():
+        if name in expected and hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(expected[name].shape):
+            problems.append(
+                f"{name} has shape {tuple(tensor.shape)} in the checkpoint but {tuple(expected[name].shape)} "
+                "in the model"
+            )
+    return problems
+
+
+def check_state_dict_fits(expected: dict, given: dict, strict: bool = True) -> None:
+    """Raise one message naming the first differences and the flags that usually cause them."""
+    problems = describe_state_dict_mismatch(expected, given, strict)
+    if not problems:
+        return
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    raise StateDictMismatchError(
+        f"the checkpoint does not fit the model built from the flags: {shown}. Check --num-layers, "
+        "--hidden-size, --ffn-hidden-size, --num-attention-heads, --num-query-groups, --kv-channels, --swiglu, "
+        "--untie-embeddings-and-output-weights, --disable-bias-linear, --position-embedding-type, the padded "
+        "vocabulary (--make-vocab-size-divisible-by), the tensor/pipeline sizes and the model stack "
+        "(--use-legacy-models) against the checkpoint's saved args, or convert it with tools/checkpoint/convert.py"
+    )
+
+
+class MegatronModule(torch.nn.Module):
+    """A module that carries its TransformerConfig and checks checkpoints against its own shapes."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+
+    def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
+        """The state dict written to checkpoints (a subclass may reshape it, as the legacy stack does)."""
+        return self.state_dict(prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        check_state_dict_fits(self.state_dict(), state_dict, strict)
+        return super().load_state_dict(state_dict, strict=strict)

@@ -1,0 +1,425 @@
+"""Torch-format checkpoints in Megatron-LM's layout (see docs/FORMATS.md).
+
+SAVE/latest_checkpointed_iteration.txt names the last complete iteration; SAVE/iter_NNNNNNN/mp_rank_TT[_PPP]/
+holds one model_optim_rng.pt per model-parallel rank. Every file is written under a temporary name and
+renamed, and the tracker is written last, so a save interrupted at any point never becomes "latest".
+"""
+
+import os
+import pickle
+import random
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.training.arguments import build_parser
+from megatron.training.global_vars import get_args
+from megatron.training.utils import print_rank_0, unwrap_model
+
+CHECKPOINT_BASENAME = "model_optim_rng.pt"
+TRACKER_BASENAME = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or loaded; the message names the file and the fix."""
+
+
+def _parallel_ranks():
+    """(tensor rank, pipeline rank, pipeline size) of this process; (0, 0, 1) before groups exist."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 0, 1
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+
+
+def get_checkpoint_name(
+    checkpoints_path,
+    iteration,
+    release=False,
+    pipeline_parallel=None,
+    tensor_rank=None,
+    pipeline_rank=None,
+    return_base_dir=False,
+    basename=CHECKPOINT_BASENAME,
+):
+    """Path of one rank's checkpoint file: PATH/iter_0000100/mp_rank_00[_000]/model_optim_rng.pt.
+
+    Ranks left as None are this process's own; `pipeline_parallel` None means "pipeline size > 1".
+    """
+    directory = "release" if release else f"iter_{iteration:07d}"
+    if return_base_dir:
+        return os.path.join(checkpoints_path, directory)
+    own_tensor_rank, own_pipeline_rank, pipeline_size = _parallel_ranks()
+    if pipeline_parallel is None:
+        pipeline_parallel = pipeline_size > 1
+    if tensor_rank is None:
+        tensor_rank = own_tensor_rank
+    if pipeline_rank is None:
+        pipeline_rank = own_pipeline_rank
+    if pipeline_parallel:
+        rank_directory = f"mp_rank_{tensor_rank:02d}_{pipeline_rank:03d}"
+    else:
+        rank_directory = f"mp_rank_{tensor_rank:02d}"
+    return os.path.join(checkpoints_path, directory, rank_directory, basename)
+
+
+def get_checkpoint_tracker_filename(checkpoints_path):
+    """The text file naming the last complete checkpoint ("2000" or "release")."""
+    return os.path.join(checkpoints_path, TRACKER_BASENAME)
+
+
+def read_metadata(tracker_filename):
+    """(iteration, release) from a tracker file; ranks agree on the largest iteration any of them read."""
+    with open(tracker_filename) as tracker:
+        text = tracker.read().strip()
+    release = text == "release"
+    if release:
+        iteration = 0
+    else:
+        try:
+            iteration = int(text)
+        except ValueError:
+            raise CheckpointError(
+                f"{tracker_filename} should hold an iteration number or 'release' but holds {text!r}; "
+                "delete it or write the iteration of a complete checkpoint into it"
+            ) from None
+        if iteration < 0:
+            raise CheckpointError(f"{tracker_filename} holds a negative iteration {iteration}")
+    if dist.is_available() and dist.is_initialized():
+        on_cuda = dist.get_backend() == "nccl"
+        largest = torch.tensor([iteration], dtype=torch.long, device="cuda" if on_cuda else "cpu")
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        iteration = int(largest.item())
+    return iteration, release
+
+
+# Flags that decide the shapes of the weights: they must agree between a checkpoint and the run loading it,
+# and --use-checkpoint-args takes them from the checkpoint.
+MODEL_SHAPING_ARGS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "group_query_attention",
+    "num_query_groups",
+    "kv_channels",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "normalization",
+    "swiglu",
+    "qk_layernorm",
+    "untie_embeddings_and_output_weights",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "padded_vocab_size",
+)
+# Also taken over by --use-checkpoint-args (where left at their defaults), but free to differ when loading.
+CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + (
+    "seq_length",
+    "rotary_base",
+    "rotary_percent",
+    "use_rope_scaling",
+    "norm_epsilon",
+    "use_legacy_models",
+    "tokenizer_type",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+)
+PARALLEL_LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+
+
+def _rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    """torch.save to PATH.tmp, then rename: a reader never sees a half-written file under the real name."""
+    temporary = path + ".tmp"
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _write_tracker(checkpoints_path: str, iteration: int) -> None:
+    tracker = get_checkpoint_tracker_filename(checkpoints_path)
+    with open(tracker + ".tmp", "w") as tracker_file:
+        tracker_file.write(str(iteration))
+    os.replace(tracker + ".tmp", tracker)
+
+
+def get_rng_state(data_parallel_random_init: bool, device: str) -> list:
+    """Every generator's state (python, numpy, torch, CUDA on CUDA runs only, tensor-parallel streams).
+
+    A list with one entry per data-parallel rank when replicas were seeded differently, else one entry.
+    """
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if device == "cuda" else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if not data_parallel_random_init or parallel_state.get_data_parallel_world_size() == 1:
+        return [state]
+    states = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(states, state, group=parallel_state.get_data_parallel_group())
+    return states
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    if state.get("rng_tracker_states"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _model_state_dicts(model) -> dict:
+    """{"model": ...} for one model chunk; {"model0": ..., "model1": ...} for virtual pipeline chunks."""
+    chunks = unwrap_model(model)
+    if len(chunks) == 1:
+        return {"model": chunks[0].state_dict()}
+    return {f"model{index}": chunk.state_dict() for index, chunk in enumerate(chunks)}
+
+
+def _save_safetensors(model_state: dict, path: str) -> None:
+    """The model's tensors as safetensors (shared storage cloned apart; extra state objects skipped)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        name: value.detach().cpu().contiguous().clone()
+        for name, value in model_state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    temporary = path + ".tmp"
+    save_file(tensors, temporary, metadata={"format": "pt"})
+    os.replace(temporary, path)
+
+
+def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far=0):
+    """Write iteration `iteration` under --save; the tracker names it only after every rank finished."""
+    args = get_args()
+    rank, _ = _rank_and_world()
+    rng_state = None if args.no_save_rng else get_rng_state(args.data_parallel_random_init, args.device)
+    checkpoint_name = get_checkpoint_name(args.save, iteration)
+    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
+    if parallel_state.get_data_parallel_rank() == 0:
+        state_dict = {
+            "args": args,
+            "checkpoint_version": 3.0,
+            "iteration": iteration,
+            "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
+            **_model_state_dicts(model),
+        }
+        if not args.no_save_optim:
+            state_dict["optimizer"] = optimizer.state_dict()
+            state_dict["opt_param_scheduler"] = opt_param_scheduler.state_dict()
+        if rng_state is not None:
+            state_dict["rng_state"] = rng_state
+        os.makedirs(os.path.dirname(checkpoint_name), exist_ok=True)
+        _atomic_torch_save(state_dict, checkpoint_name)
+        if args.save_safetensors:
+            for key in state_dict:
+                if key.startswith("model"):
+                    name = "model.safetensors" if key == "model" else f"{key}.safetensors"
+                    _save_safetensors(state_dict[key], os.path.join(os.path.dirname(checkpoint_name), name))
+    _barrier()
+    if rank == 0:
+        _write_tracker(args.save, iteration)
+    _barrier()
+    print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
+
+
+def _complete_iterations(checkpoints_path: str, release_name: str) -> list:
+    """Iterations under `checkpoints_path` whose file for this rank exists and is a whole zip archive."""
+    iterations = []
+    for entry in os.listdir(checkpoints_path):
+        if not entry.startswith("iter_"):
+            continue
+        try:
+            iteration = int(entry[len("iter_") :])
+        except ValueError:
+            continue
+        candidate = os.path.join(checkpoints_path, entry, release_name)
+        if os.path.isfile(candidate) and zipfile.is_zipfile(candidate):
+            iterations.append(iteration)
+    return sorted(iterations)
+
+
+def _older_checkpoint_hint(checkpoints_path: str, checkpoint_name: str, iteration: int) -> str:
+    rank_file = os.path.relpath(checkpoint_name, os.path.dirname(os.path.dirname(checkpoint_name)))
+    older = [it for it in _complete_iterations(checkpoints_path, rank_file) if it < iteration]
+    if not older:
+        return ""
+    return (
+        f"; an older complete checkpoint exists at iteration {older[-1]}: load it with --ckpt-step {older[-1]} "
+        f"(or write {older[-1]} into {get_checkpoint_tracker_filename(checkpoints_path)})"
+    )
+
+
+def _read_checkpoint_file(checkpoints_path: str, checkpoint_name: str, iteration: int) -> dict:
+    """torch.load of one rank's file, with one clear message when it is missing or damaged."""
+    if not os.path.isfile(checkpoint_name):
+        raise CheckpointError(
+            f"checkpoint file {checkpoint_name} does not exist (iteration {iteration} of {checkpoints_path} was "
+            f"not saved completely, or was saved with another parallel layout)"
+            + _older_checkpoint_hint(checkpoints_path, checkpoint_name, iteration)
+        )
+    try:
+        # Checkpoints hold the argparse Namespace and numpy RNG states, as Megatron-LM's do.
+        return torch.load(checkpoint_name, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"checkpoint file {checkpoint_name} is truncated or corrupt ({str(error).splitlines()[0]})"
+            + _older_checkpoint_hint(checkpoints_path, checkpoint_name, iteration)
+        ) from None
+
+
+def _locate_checkpoint(checkpoints_path: str, ckpt_step, exit_on_missing: bool):
+    """(iteration, release) to load from `checkpoints_path`, or None when there is nothing to load."""
+    tracker = get_checkpoint_tracker_filename(checkpoints_path)
+    if ckpt_step is not None:
+        return ckpt_step, False
+    if not os.path.isfile(tracker):
+        if exit_on_missing:
+            raise CheckpointError(
+                f"--load {checkpoints_path} holds no checkpoint ({tracker} is missing) and "
+                "--exit-on-missing-checkpoint is set"
+            )
+        return None
+    return read_metadata(tracker)
+
+
+def _describe_mismatch(checkpoint_args, args) -> str:
+    """The model-shaping flags whose values differ between the checkpoint and this run, as one sentence."""
+    differences = []
+    for name in MODEL_SHAPING_ARGS + PARALLEL_LAYOUT_ARGS:
+        if hasattr(checkpoint_args, name) and hasattr(args, name):
+            saved, current = getattr(checkpoint_args, name), getattr(args, name)
+            if saved != current:
+                differences.append(f"--{name.replace('_', '-')} {saved} (checkpoint) vs {current} (this run)")
+    return "; ".join(differences)
+
+
+def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
+    mismatch = _describe_mismatch(checkpoint_args, args)
+    if not mismatch:
+        return
+    layout_changed = any(
+        getattr(checkpoint_args, name, None) not in (None, getattr(args, name)) for name in PARALLEL_LAYOUT_ARGS
+    )
+    hint = (
+        "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size"
+        if layout_changed
+        else "use the checkpoint's values (or --use-checkpoint-args)"
+    )
+    raise CheckpointError(f"{checkpoint_name} does not match this model: {mismatch}; {hint}")
+
+
+def _load_model_weights(model, state_dict: dict, checkpoint_name: str, strict: bool) -> None:
+    chunks = unwrap_model(model)
+    for index, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{index}"
+        if key not in state_dict:
+            raise CheckpointError(f"{checkpoint_name} has no '{key}' entry: it is not a model checkpoint")
+        try:
+            chunk.load_state_dict(state_dict[key], strict=strict)
+        except RuntimeError as error:
+            details = " ".join(line.strip() for line in str(error).splitlines()[1:])
+            raise CheckpointError(f"{checkpoint_name} does not fit the model: {details}") from None
+
+
+def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load", strict: bool = True):
+    """Load --load (or `load_arg`) into the model, optimizer, scheduler and RNGs.
+
+    Returns (iteration, num_floating_point_operations_so_far); (0, 0) when there is nothing to load.
+    Sets args.consumed_train_samples / consumed_valid_samples so the data continues where it stopped.
+    """
+    args = get_args()
+    checkpoints_path = getattr(args, load_arg)
+    located = _locate_checkpoint(checkpoints_path, args.ckpt_step, args.exit_on_missing_checkpoint)
+    if located is None:
+        print_rank_0(f"WARNING: no checkpoint found in {checkpoints_path}; training starts from random weights")
+        return 0, 0
+    iteration, release = located
+    checkpoint_name = get_checkpoint_name(checkpoints_path, iteration, release)
+    state_dict = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration)
+    checkpoint_args = state_dict.get("args")
+    if checkpoint_args is not None:
+        _check_checkpoint_args(checkpoint_name, checkpoint_args, args)
+    _load_model_weights(model, state_dict, checkpoint_name, strict)
+
+    weights_only = args.finetune or release
+    if weights_only:
+        iteration = 0
+    else:
+        iteration = state_dict["iteration"]
+        if checkpoint_args is not None:
+            args.consumed_train_samples = getattr(checkpoint_args, "consumed_train_samples", 0)
+            args.skipped_train_samples = getattr(checkpoint_args, "skipped_train_samples", 0)
+            args.consumed_valid_samples = getattr(checkpoint_args, "consumed_valid_samples", 0)
+    if weights_only or args.no_load_optim:
+        optimizer.reload_model_params()
+    else:
+        if "optimizer" not in state_dict:
+            raise CheckpointError(
+                f"{checkpoint_name} holds no optimizer state (saved with --no-save-optim?); pass --no-load-optim "
+                "or --finetune to load the weights only"
+            )
+        try:
+            optimizer.load_state_dict(state_dict["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"the optimizer state in {checkpoint_name} does not fit: {error}") from None
+        opt_param_scheduler.load_state_dict(state_dict["opt_param_scheduler"])
+    if not (weights_only or args.no_load_rng):
+        if "rng_state" not in state_dict:
+            raise CheckpointError(
+                f"{checkpoint_name} holds no RNG state (saved with --no-save-rng?); pass --no-load-rng"
+            )
+        _restore_rng_state(state_dict["rng_state"], args.data_parallel_random_init)
+    _barrier()
+    print_rank_0(f"  successfully loaded checkpoint from {checkpoints_path} at iteration {iteration}")
+    return iteration, state_dict.get("num_floating_point_operations_so_far", 0)
+
+
+def _restore_rng_state(rng_states: list, data_parallel_random_init: bool) -> None:
+    index = parallel_state.get_data_parallel_rank() if data_parallel_random_init else 0
+    if index >= len(rng_states):
+        raise CheckpointError(
+            f"the checkpoint holds RNG states of {len(rng_states)} data-parallel ranks, this run has more; "
+            "pass --no-load-rng"
+        )
+    set_rng_state(rng_states[index])
+
+
+def load_args_from_checkpoint(args, load_arg: str = "load") -> None:
+    """--use-checkpoint-args: take the model-shaping flags saved in the checkpoint for every one that this
+    run left at its default (flags given on the command line win)."""
+    parser = build_parser()
+    checkpoints_path = getattr(args, load_arg)
+    located = _locate_checkpoint(checkpoints_path, args.ckpt_step, exit_on_missing=True)
+    iteration, release = located
+    checkpoint_name = get_checkpoint_name(
+        checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0, pipeline_rank=0
+    )
+    state_dict = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration)
+    checkpoint_args = state_dict.get("args")
+    if checkpoint_args is None:
+        raise CheckpointError(f"{checkpoint_name} holds no saved arguments; give the model flags instead of --use-checkpoint-args")
+    for name in CHECKPOINT_DEFAULT_ARGS:
+        if hasattr(checkpoint_args, name) and getattr(args, name, None) == parser.get_default(name):
+            setattr(args, name, getattr(checkpoint_args, name))

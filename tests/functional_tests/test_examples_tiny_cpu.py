@@ -1,0 +1,63 @@
+"""The *_tiny_cpu.sh example scripts run end to end as a user runs them (2 processes under torchrun, gloo),
+for every model and both stacks, with a short iteration count; they save a checkpoint that resumes."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO_ROOT, shared_path
+from tests.functional_tests.training_runs import free_port, iteration_records, require_data_pipeline
+
+require_data_pipeline()
+
+MODELS = ("llama2", "llama3", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A slice of WikiText-2 (../shared) as the scripts' input, and a folder for the datasets they build."""
+    directory = tmp_path_factory.mktemp("example_data")
+    lines = shared_path("data/wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (directory / "wiki.txt").write_text("".join(lines[:600]), encoding="utf-8")
+    return directory
+
+
+def _run_script(model, stack, data_dir, work_dir, train_iters):
+    script = REPO_ROOT / "examples" / stack / model / f"pretrain_{model}_tiny_cpu.sh"
+    tokenizer = "llama2" if model == "llama2" else "gpt2"
+    env = dict(
+        os.environ,
+        SHARED_DIR=str(shared_path("")),
+        INPUT=str(data_dir / "wiki.txt"),
+        DATA_PATH=str(data_dir / f"wiki_{tokenizer}_text_document"),
+        WORK_DIR=str(work_dir),
+        LOG_DIR=str(work_dir / "logs"),
+        TRAIN_ITERS=str(train_iters),
+        LOG_INTERVAL="1",
+        SAVE_INTERVAL="3",
+        EVAL_INTERVAL="3",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS="1",
+    )
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("stack", ["mcore", "legacy"])
+@pytest.mark.parametrize("model", MODELS)
+def test_tiny_cpu_example_trains_saves_and_resumes(data_dir, tmp_path, model, stack):
+    first = _run_script(model, stack, data_dir, tmp_path, train_iters=4)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert sorted(iteration_records(first.stdout)) == [1, 2, 3, 4]
+    assert "validation loss at iteration 3" in first.stdout
+    tracker = tmp_path / "ckpt" / "latest_checkpointed_iteration.txt"
+    assert tracker.read_text() == "4"
+    log = (tmp_path / "logs" / f"pretrain_{model}_tiny_cpu_{stack}.log").read_text()
+    assert iteration_records(log) == iteration_records(first.stdout)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+    tracker.write_text("3")  # step back to the checkpoint of iteration 3 and run the last iteration again
+    resumed = _run_script(model, stack, data_dir, tmp_path, train_iters=4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "successfully loaded checkpoint" in resumed.stdout
+    assert iteration_records(resumed.stdout) == {4: iteration_records(first.stdout)[4]}

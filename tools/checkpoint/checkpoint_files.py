@@ -1,0 +1,298 @@
+"""Reading and writing the two on-disk forms: Megatron torch checkpoints (docs/FORMATS.md) at any TP/PP for
+either stack, and Hugging Face directories (config.json + safetensors or pytorch_model.bin).
+
+Everything is written under a temporary name and renamed when complete, the tracker file last.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megatron.legacy.model.gpt_model import flatten_legacy_state_dict, nest_legacy_state_dict
+from megatron.training.arguments import add_model_regularization_args, add_model_stack_args, add_network_size_args
+from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
+from megatron.training.model_config import ModelArgumentsError, validate_model_args
+from megatron.training.tokenizer import vocab_size_with_padding
+from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
+from tools.checkpoint.model_layout import (
+    legacy_to_mcore_names,
+    mcore_to_legacy_names,
+    merge_pipeline,
+    merge_tensor_parallel,
+    split_pipeline,
+    split_tensor_parallel,
+    transformer_engine_to_local_names,
+)
+
+StateDict = Dict[str, torch.Tensor]
+_RANK_DIRECTORY = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+def _model_flag_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for add_group in (add_network_size_args, add_model_regularization_args, add_model_stack_args):
+        add_group(parser)
+    return parser
+
+
+def model_args(
+    flags: List[str],
+    true_vocab_size: int,
+    make_vocab_size_divisible_by: int,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    use_legacy_models: bool,
+) -> argparse.Namespace:
+    """The model-shaping args saved in a checkpoint, from model flags plus vocabulary and layout."""
+    args = _model_flag_parser().parse_args(flags)
+    args.use_legacy_models = use_legacy_models
+    args.use_mcore_models = not use_legacy_models
+    return _complete_args(
+        args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size
+    )
+
+
+def _complete_args(args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size):
+    args.tensor_model_parallel_size = tensor_parallel_size
+    args.pipeline_model_parallel_size = pipeline_parallel_size
+    args.true_vocab_size = true_vocab_size
+    args.make_vocab_size_divisible_by = make_vocab_size_divisible_by
+    args.padded_vocab_size = vocab_size_with_padding(
+        true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size
+    )
+    try:
+        validate_model_args(args)
+    except ModelArgumentsError as error:
+        raise ConversionError(f"the model cannot be laid out as asked: {error}") from None
+    return args
+
+
+def relayout_args(args, tensor_parallel_size: int, pipeline_parallel_size: int, use_legacy_models: bool):
+    """A checkpoint's args moved to another layout and stack (the padded vocabulary is recomputed; settings
+    that only fit the old layout are dropped)."""
+    moved = argparse.Namespace(**vars(args))
+    moved.use_legacy_models = use_legacy_models
+    moved.use_mcore_models = not use_legacy_models
+    moved.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and tensor_parallel_size > 1
+    moved.virtual_pipeline_model_parallel_size = None
+    if pipeline_parallel_size != args.pipeline_model_parallel_size:
+        moved.decoder_first_pipeline_num_layers = moved.decoder_last_pipeline_num_layers = None
+    return _complete_args(
+        moved, moved.true_vocab_size, moved.make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size
+    )
+
+
+def fit_vocabulary(state: StateDict, args) -> StateDict:
+    """Cut the vocabulary rows to the true vocabulary and pad them again for the layout in `args`."""
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in state:
+            state[name] = pad_vocabulary(state[name][: args.true_vocab_size], args.padded_vocab_size)
+    return state
+
+
+def _fill_missing_model_args(args) -> argparse.Namespace:
+    """Args saved by another Megatron may lack flags this project adds: give them their defaults."""
+    filled = argparse.Namespace(**vars(_model_flag_parser().parse_args([])))
+    for name, value in vars(args).items():
+        setattr(filled, name, value)
+    # Transformer Engine checkpoints are read into the local spec's names (transformer_engine_to_local_names).
+    filled.transformer_impl = "local"
+    # Megatron-LM saves num_query_groups=1 and may save kv_channels=None when grouped-query attention is off.
+    if not filled.group_query_attention:
+        filled.num_query_groups = filled.num_attention_heads
+    if filled.kv_channels is None:
+        filled.kv_channels = filled.hidden_size // filled.num_attention_heads
+    if getattr(filled, "true_vocab_size", None) is None:
+        filled.true_vocab_size = filled.padded_vocab_size
+    if getattr(filled, "make_vocab_size_divisible_by", None) is None:
+        filled.make_vocab_size_divisible_by = 1
+    return filled
+
+
+def _replace_directory(temporary: str, final: str) -> None:
+    """Move a completely written directory into place, replacing an older one."""
+    if os.path.exists(final):
+        retired = f"{final}.old.{os.getpid()}"
+        os.replace(final, retired)
+        os.replace(temporary, final)
+        shutil.rmtree(retired)
+    else:
+        os.replace(temporary, final)
+
+
+def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
+    """Write the canonical state dict as SAVE/release/mp_rank_TT[_PPP]/model_optim_rng.pt for the layout and
+    stack in `args`, then the tracker "release"."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    tied = not args.untie_embeddings_and_output_weights
+    os.makedirs(save_dir, exist_ok=True)
+    release_dir = get_checkpoint_name(save_dir, 0, release=True, return_base_dir=True)
+    staging = f"{release_dir}.tmp.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for pipeline_rank, stage in enumerate(split_pipeline(state, args, pp, tied)):
+            for tensor_rank, shard in enumerate(split_tensor_parallel(stage, tp, args.swiglu)):
+                if args.use_legacy_models:
+                    shard = nest_legacy_state_dict(mcore_to_legacy_names(shard, tied))
+                final_name = get_checkpoint_name(
+                    save_dir,
+                    0,
+                    release=True,
+                    pipeline_parallel=pp > 1,
+                    tensor_rank=tensor_rank,
+                    pipeline_rank=pipeline_rank,
+                )
+                name = os.path.join(staging, os.path.relpath(final_name, release_dir))
+                os.makedirs(os.path.dirname(name), exist_ok=True)
+                torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": shard}, name)
+        _replace_directory(staging, release_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tracker = get_checkpoint_tracker_filename(save_dir)
+    temporary = f"{tracker}.tmp.{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write("release")
+    os.replace(temporary, tracker)
+
+
+def _rank_files(directory: str) -> Dict[Tuple[int, int], str]:
+    files = {}
+    for entry in sorted(os.listdir(directory)):
+        match = _RANK_DIRECTORY.match(entry)
+        if match:
+            ranks = (int(match.group(1)), int(match.group(2) or 0))
+            files[ranks] = os.path.join(directory, entry, "model_optim_rng.pt")
+    return files
+
+
+def _checkpoint_directory(load_dir: str) -> str:
+    tracker = get_checkpoint_tracker_filename(load_dir)
+    if not os.path.isfile(tracker):
+        raise ConversionError(
+            f"{load_dir} holds no {os.path.basename(tracker)}: it is not a Megatron checkpoint directory"
+        )
+    iteration, release = read_metadata(tracker)
+    return get_checkpoint_name(load_dir, iteration, release, return_base_dir=True)
+
+
+def _load_rank_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConversionError(f"{path} cannot be read ({error}); the file is truncated or not a checkpoint") from None
+
+
+def _stack_state(checkpoint: dict, path: str) -> Tuple[StateDict, bool]:
+    """(flat mcore-named state, was it legacy) of one rank file."""
+    if "model" not in checkpoint:
+        if any(key.startswith("model0") for key in checkpoint):
+            raise ConversionError(f"{path} holds virtual pipeline chunks (model0, model1, ...), not supported here")
+        raise ConversionError(f"{path} has no 'model' entry: it is not a model checkpoint")
+    flat = flatten_legacy_state_dict(checkpoint["model"])
+    legacy = any(name.startswith("language_model.") for name in flat)
+    state = {name: tensor for name, tensor in flat.items() if not name.endswith("._extra_state")}
+    return (legacy_to_mcore_names(state) if legacy else transformer_engine_to_local_names(state)), legacy
+
+
+def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDict]:
+    """(args, canonical state dict) of a Megatron checkpoint at any TP/PP, either stack; the args say which
+    stack it was (use_legacy_models)."""
+    directory = _checkpoint_directory(load_dir)
+    files = _rank_files(directory)
+    if not files:
+        raise ConversionError(f"{directory} holds no mp_rank_* directories")
+    tp = 1 + max(tensor_rank for tensor_rank, _ in files)
+    pp = 1 + max(pipeline_rank for _, pipeline_rank in files)
+    first = _load_rank_file(files[min(files)])
+    saved = first.get("args")
+    if saved is None:
+        raise ConversionError(f"{files[min(files)]} holds no saved args, so the model's shape is unknown")
+    tp = getattr(saved, "tensor_model_parallel_size", tp)
+    pp = getattr(saved, "pipeline_model_parallel_size", pp)
+    missing = [
+        f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+        for t in range(tp)
+        for p in range(pp)
+        if (t, p) not in files
+    ]
+    if missing:
+        raise ConversionError(
+            f"{directory} lacks {', '.join(missing)} of its {tp} x {pp} (tensor x pipeline) layout: the checkpoint "
+            "is incomplete"
+        )
+    args, legacy, stages = _fill_missing_model_args(saved), False, []
+    for pipeline_rank in range(pp):
+        shards = []
+        for tensor_rank in range(tp):
+            path = files[(tensor_rank, pipeline_rank)]
+            checkpoint = first if (tensor_rank, pipeline_rank) == min(files) else _load_rank_file(path)
+            state, legacy = _stack_state(checkpoint, path)
+            shards.append(state)
+        stages.append(merge_tensor_parallel(shards, args.swiglu))
+    args.use_legacy_models, args.use_mcore_models = legacy, not legacy
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+    return args, merge_pipeline(stages, args, tied=not args.untie_embeddings_and_output_weights)
+
+
+def read_hf_directory(load_dir: str) -> Tuple[dict, StateDict]:
+    """(config.json as a dict, every tensor) of a Hugging Face model directory."""
+    config_path = os.path.join(load_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"{load_dir} holds no config.json: it is not a Hugging Face model directory")
+    with open(config_path) as handle:
+        try:
+            config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"{config_path} is not valid JSON: {error}") from None
+    return config, _read_hf_tensors(load_dir)
+
+
+def _read_hf_tensors(load_dir: str) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safetensors_files = sorted(glob.glob(os.path.join(load_dir, "*.safetensors")))
+    bin_files = sorted(glob.glob(os.path.join(load_dir, "pytorch_model*.bin")))
+    if not safetensors_files and not bin_files:
+        raise ConversionError(f"{load_dir} holds no *.safetensors or pytorch_model*.bin weights")
+    state = {}
+    for path in safetensors_files or bin_files:
+        try:
+            if path.endswith(".safetensors"):
+                state.update(load_file(path))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except (SafetensorError, RuntimeError, EOFError, OSError) as error:
+            raise ConversionError(f"{path} cannot be read ({error}); the file is truncated or corrupt") from None
+    return state
+
+
+def write_hf_directory(save_dir: str, config, state: StateDict) -> None:
+    """config.json + model.safetensors, each written under a temporary name and renamed."""
+    from safetensors.torch import save_file
+
+    os.makedirs(save_dir, exist_ok=True)
+    weights = os.path.join(save_dir, "model.safetensors")
+    temporary = f"{weights}.tmp.{os.getpid()}"
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, temporary, metadata={"format": "pt"})
+    os.replace(temporary, weights)
+    config_path = os.path.join(save_dir, "config.json")
+    temporary = f"{config_path}.tmp.{os.getpid()}"
+    config.to_json_file(temporary)
+    os.replace(temporary, config_path)
+
+
+def state_dtype(state: StateDict) -> Optional[torch.dtype]:
+    """The floating dtype of the weights (for config.json's torch_dtype)."""
+    for tensor in state.values():
+        if torch.is_floating_point(tensor):
+            return tensor.dtype
+    return None

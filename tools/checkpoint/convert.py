@@ -1,0 +1,140 @@
+"""Convert checkpoints between Hugging Face and Megatron (either stack, any tensor/pipeline layout).
+
+    python tools/checkpoint/convert.py --load-model-type hf --save-model-type mg --model-type-hf llama3 \
+        --load-dir HF_DIR --save-dir CKPT --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
+
+hf -> mg writes CKPT/latest_checkpointed_iteration.txt ("release") and CKPT/release/mp_rank_TT[_PPP]/
+model_optim_rng.pt, which `--load CKPT --finetune` (or `--no-load-optim --no-load-rng`) trains from;
+mg -> hf writes config.json + model.safetensors that `transformers` loads; mg -> mg re-lays out a
+checkpoint (TP/PP) and/or moves it between the legacy and mcore stacks.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from gpt_builders import gpt_builder  # noqa: E402
+from megatron.core.transformer.module import StateDictMismatchError, check_state_dict_fits  # noqa: E402
+from megatron.training.model_config import core_transformer_config_from_args  # noqa: E402
+from tools.checkpoint.checkpoint_files import (  # noqa: E402
+    fit_vocabulary,
+    model_args,
+    read_hf_directory,
+    read_megatron_checkpoint,
+    relayout_args,
+    state_dtype,
+    write_hf_directory,
+    write_megatron_checkpoint,
+)
+from tools.checkpoint.hf_families import FAMILIES, ConversionError, family_for  # noqa: E402
+from tools.checkpoint.model_layout import LayoutError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load-model-type", required=True, choices=["hf", "mg"], help="Format of --load-dir.")
+    parser.add_argument("--save-model-type", required=True, choices=["hf", "mg"], help="Format to write.")
+    parser.add_argument(
+        "--model-type-hf", type=str, default=None, help=f"Hugging Face model family: {', '.join(FAMILIES)}."
+    )
+    parser.add_argument("--load-dir", required=True, help="Hugging Face model directory or Megatron checkpoint.")
+    parser.add_argument("--save-dir", required=True, help="Where to write the converted model.")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1, help="Tensor-parallel size to write.")
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="Pipeline-parallel size to write.")
+    stack = parser.add_mutually_exclusive_group()
+    stack.add_argument("--use-mcore-models", action="store_true", help="Write the mcore stack (the default).")
+    stack.add_argument("--use-legacy-models", action="store_true", help="Write the legacy stack.")
+    parser.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=1,
+        help="hf -> mg: pad the vocabulary to a multiple of this times the tensor-parallel size.",
+    )
+    return parser
+
+
+def check_state_fits_args(args, state) -> None:
+    """The tensors must have exactly the shapes of the model the args describe (built here at TP=1, PP=1)."""
+    mcore_args = argparse.Namespace(**vars(args))
+    mcore_args.use_legacy_models = False
+    config = core_transformer_config_from_args(mcore_args)
+    config.perform_initialization = False
+    config.use_cpu_initialization = True
+    model = gpt_builder(mcore_args, config=config)
+    check_state_dict_fits(model.state_dict(), state)
+
+
+def _hf_to_megatron(options) -> None:
+    family = family_for(options.model_type_hf)
+    config, hf_state = read_hf_directory(options.load_dir)
+    if config.get("model_type") not in family.model_types:
+        raise ConversionError(
+            f"{options.load_dir}/config.json describes a {config.get('model_type')!r} model, not "
+            f"--model-type-hf {options.model_type_hf}"
+        )
+    args = model_args(
+        family.flags(config),
+        config["vocab_size"],
+        options.make_vocab_size_divisible_by,
+        options.target_tensor_parallel_size,
+        options.target_pipeline_parallel_size,
+        options.use_legacy_models,
+    )
+    state = family.to_mcore(hf_state, args)
+    check_state_fits_args(args, state)
+    write_megatron_checkpoint(options.save_dir, args, state)
+
+
+def _megatron_to_hf(options) -> None:
+    family = family_for(options.model_type_hf)
+    args, state = read_megatron_checkpoint(options.load_dir)
+    check_state_fits_args(args, state)
+    family.check_args(args)
+    hf_state = family.from_mcore(state, args)
+    write_hf_directory(options.save_dir, family.hf_config(args, state_dtype(hf_state)), hf_state)
+
+
+def _megatron_to_megatron(options) -> None:
+    args, state = read_megatron_checkpoint(options.load_dir)
+    check_state_fits_args(args, state)
+    target = relayout_args(
+        args, options.target_tensor_parallel_size, options.target_pipeline_parallel_size, options.use_legacy_models
+    )
+    write_megatron_checkpoint(options.save_dir, target, fit_vocabulary(state, target))
+
+
+def convert(options) -> None:
+    if options.target_tensor_parallel_size < 1 or options.target_pipeline_parallel_size < 1:
+        raise ConversionError("--target-tensor-parallel-size and --target-pipeline-parallel-size must be at least 1")
+    if options.load_model_type == "hf" and options.save_model_type == "hf":
+        raise ConversionError("--load-model-type hf with --save-model-type hf: nothing to convert")
+    if "hf" in (options.load_model_type, options.save_model_type) and options.model_type_hf is None:
+        raise ConversionError(f"converting to or from Hugging Face needs --model-type-hf ({', '.join(FAMILIES)})")
+    if os.path.abspath(options.load_dir) == os.path.abspath(options.save_dir):
+        raise ConversionError("--save-dir must differ from --load-dir")
+    with torch.no_grad():
+        if options.load_model_type == "hf":
+            _hf_to_megatron(options)
+        elif options.save_model_type == "hf":
+            _megatron_to_hf(options)
+        else:
+            _megatron_to_megatron(options)
+
+
+def main(argv=None) -> int:
+    options = build_parser().parse_args(argv)
+    try:
+        convert(options)
+    except (ConversionError, LayoutError, StateDictMismatchError) as error:
+        print(f"convert.py: error: {error}", file=sys.stderr)
+        return 1
+    print(f"converted {options.load_dir} ({options.load_model_type}) -> {options.save_dir} ({options.save_model_type})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
