@@ -2,8 +2,9 @@
 
 Dropout inside a tensor-parallel region must differ between tensor-parallel ranks (each holds different
 heads), while dropout on replicated activations must agree. The tracker keeps one named generator state
-per purpose and `fork(name)` swaps it in for a block of code. Both the CPU generator and, where CUDA is
-available, the current device's generator are swapped, so the same code is correct on either device.
+per purpose and `fork(name)` swaps it in for a block of code. Both the CPU generator and, once this process
+has initialised CUDA (CUDA runs select their device before seeding), the current device's generator are
+swapped, so the same code is correct on either device and a CPU run never touches CUDA.
 """
 
 import contextlib
@@ -23,7 +24,7 @@ GeneratorStates = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def _current_states() -> GeneratorStates:
-    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda_state
 
 
