@@ -12,12 +12,22 @@ from functools import partial
 import torch
 
 from gpt_builders import model_provider
+from megatron.core import parallel_state
 from megatron.training.global_vars import get_args
 from megatron.training.training import pretrain
 
 
 def get_batch(data_iterator):
-    """The next micro batch on this rank's device: tokens, labels, loss_mask, attention_mask, position_ids."""
+    """The next micro batch on this rank's device: tokens, labels, loss_mask, attention_mask, position_ids.
+
+    Only the pipeline stages that embed tokens or compute the loss read the data; a middle stage (or
+    model chunk) gets its input from the previous stage and returns Nones without consuming a batch.
+    """
+    if not (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=False)
+        or parallel_state.is_pipeline_last_stage(ignore_virtual=False)
+    ):
+        return None, None, None, None, None
     args = get_args()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     batch = next(data_iterator)

@@ -166,7 +166,12 @@ def validate_args(args, defaults=None):
     _check_device(args)
     _check_logging(args)
     _validate_model_args(args)
-    for area_check in ("_validate_data_args", "_validate_parallel_args"):
+    for area_check in (
+        "_validate_data_args",
+        "_validate_parallel_args",
+        "_validate_data_parallel_args",
+        "_validate_pipeline_args",
+    ):
         if area_check in globals():
             globals()[area_check](args)
     args.consumed_train_samples = 0
@@ -992,6 +997,126 @@ def _validate_data_args(args):
     _require(args.mid_level_dataset_surplus >= 0, "--mid-level-dataset-surplus must not be negative")
 
 
+def _add_data_parallel_args(parser):
+    """Sequence parallelism and the distributed optimizer (optimizer state sharded over data-parallel ranks)."""
+    group = parser.add_argument_group(title="data and sequence parallelism")
+    group.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Shard norms and dropout along the sequence over the tensor-parallel ranks (needs tensor parallelism).",
+    )
+    group.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="Shard fp32 master weights and optimizer state over data-parallel ranks; gradients are "
+        "reduce-scattered and updated weights all-gathered.",
+    )
+    group.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="Overlap the distributed optimizer's parameter all-gather with the next forward pass (not "
+        "implemented here: refused with a message).",
+    )
+    return parser
+
+
+def _validate_data_parallel_args(args):
+    """Sequence-parallel and data-parallel optimizer flags, checked before any group forms. (Sequence
+    parallel without TP and heads / query groups / FFN not divisible by TP are refused by the model config.)"""
+    _require(
+        not (args.sequence_parallel and args.use_legacy_models),
+        "--sequence-parallel is implemented for the mcore stack only; drop it or use --use-mcore-models",
+    )
+    _require(
+        not args.overlap_param_gather or args.use_distributed_optimizer,
+        "--overlap-param-gather needs --use-distributed-optimizer (only the distributed optimizer gathers "
+        "parameters)",
+    )
+    _require(
+        not args.overlap_param_gather,
+        "--overlap-param-gather is not implemented: the distributed optimizer all-gathers the updated weights "
+        "right after each step; drop the flag",
+    )
+
+
+def _add_pipeline_args(parser):
+    """Pipeline-parallel layout: uneven first/last stages and virtual (interleaved) stages."""
+    group = parser.add_argument_group(title="pipeline parallel")
+    group.add_argument(
+        "--decoder-first-pipeline-num-layers",
+        type=int,
+        default=None,
+        help="Decoder layers on the first pipeline stage (the other stages split the rest evenly).",
+    )
+    group.add_argument(
+        "--decoder-last-pipeline-num-layers",
+        type=int,
+        default=None,
+        help="Decoder layers on the last pipeline stage (the other stages split the rest evenly).",
+    )
+    group.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="Layers per virtual pipeline stage: each stage holds several model chunks and the interleaved "
+        "1F1B schedule runs them.",
+    )
+    return parser
+
+
+def _validate_pipeline_args(args):
+    """Layer split over pipeline stages, virtual stages and micro batches per step, checked before any
+    process group forms. Sets args.virtual_pipeline_model_parallel_size."""
+    from megatron.core.model_parallel_config import ConfigError
+    from megatron.core.transformer.pipeline_layout import pipeline_stage_layer_counts
+
+    pipeline_size = args.pipeline_model_parallel_size
+    args.virtual_pipeline_model_parallel_size = None
+    uneven = args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None
+    try:
+        counts = pipeline_stage_layer_counts(
+            args.num_layers, pipeline_size, args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+        )
+    except ConfigError as error:
+        raise ArgumentsError(f"--num-layers {args.num_layers} over --pipeline-model-parallel-size {pipeline_size}: {error}") from None
+    per_virtual = args.num_layers_per_virtual_pipeline_stage
+    if per_virtual is not None:
+        _require(pipeline_size > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _require(
+            not uneven,
+            "--num-layers-per-virtual-pipeline-stage cannot be combined with --decoder-first/last-pipeline-num-layers; "
+            "use an even split",
+        )
+        _require(
+            per_virtual >= 1 and counts[0] % per_virtual == 0,
+            f"--num-layers-per-virtual-pipeline-stage {per_virtual} must divide the {counts[0]} layers of each "
+            f"pipeline stage (--num-layers {args.num_layers} / --pipeline-model-parallel-size {pipeline_size})",
+        )
+        _require(
+            not args.use_legacy_models,
+            "the legacy model stack does not run the interleaved schedule; drop --num-layers-per-virtual-pipeline-stage "
+            "or use the mcore stack (without --use-legacy-models)",
+        )
+        if counts[0] // per_virtual > 1:
+            args.virtual_pipeline_model_parallel_size = counts[0] // per_virtual
+    if pipeline_size == 1:
+        return
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    if args.rampup_batch_size is not None:
+        num_microbatches = args.rampup_batch_size[0] // (args.micro_batch_size * args.data_parallel_size)
+    _require(
+        num_microbatches >= pipeline_size,
+        f"{num_microbatches} micro batches per step (--global-batch-size / (--micro-batch-size x data-parallel "
+        f"size)) is fewer than the {pipeline_size} pipeline stages; raise --global-batch-size to at least "
+        f"{pipeline_size * args.micro_batch_size * args.data_parallel_size}",
+    )
+    _require(
+        args.virtual_pipeline_model_parallel_size is None or num_microbatches % pipeline_size == 0,
+        f"the interleaved schedule needs the micro batches per step ({num_microbatches}) to be a multiple of "
+        f"--pipeline-model-parallel-size {pipeline_size}; adjust --global-batch-size",
+    )
+
+
 ARGUMENT_GROUPS = [
     add_tokenizer_args,
     _add_training_args,
@@ -1001,10 +1126,12 @@ ARGUMENT_GROUPS = [
     _add_checkpointing_args,
     _add_mixed_precision_args,
     _add_distributed_args,
+    _add_data_parallel_args,
     _add_validation_args,
     _add_logging_args,
     add_network_size_args,
     add_model_regularization_args,
     add_model_stack_args,
     add_data_args,
+    _add_pipeline_args,
 ]

@@ -8,6 +8,7 @@ renamed, and the tracker is written last, so a save interrupted at any point nev
 import os
 import pickle
 import random
+import re
 import zipfile
 
 import numpy as np
@@ -20,6 +21,7 @@ from megatron.training.global_vars import get_args
 from megatron.training.utils import print_rank_0, unwrap_model
 
 CHECKPOINT_BASENAME = "model_optim_rng.pt"
+DISTRIBUTED_OPTIMIZER_BASENAME = "distrib_optim.pt"
 TRACKER_BASENAME = "latest_checkpointed_iteration.txt"
 
 
@@ -217,6 +219,10 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     rng_state = None if args.no_save_rng else get_rng_state(args.data_parallel_random_init, args.device)
     checkpoint_name = get_checkpoint_name(args.save, iteration)
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
+    # A collective over the data-parallel group: every rank contributes its optimizer shard.
+    distributed_optimizer_state = (
+        optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None
+    )
     if parallel_state.get_data_parallel_rank() == 0:
         state_dict = {
             "args": args,
@@ -231,6 +237,10 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
         if rng_state is not None:
             state_dict["rng_state"] = rng_state
         os.makedirs(os.path.dirname(checkpoint_name), exist_ok=True)
+        if distributed_optimizer_state is not None:
+            _atomic_torch_save(
+                distributed_optimizer_state, os.path.join(os.path.dirname(checkpoint_name), DISTRIBUTED_OPTIMIZER_BASENAME)
+            )
         _atomic_torch_save(state_dict, checkpoint_name)
         if args.save_safetensors:
             for key in state_dict:
@@ -343,6 +353,51 @@ def _load_model_weights(model, state_dict: dict, checkpoint_name: str, strict: b
             raise CheckpointError(f"{checkpoint_name} does not fit the model: {details}") from None
 
 
+def _saved_layout(iteration_directory: str):
+    """(tensor, pipeline) parallel sizes of the mp_rank_TT[_PPP] directories present, or None if there are none."""
+    tensor_ranks, pipeline_ranks = set(), set()
+    for name in os.listdir(iteration_directory) if os.path.isdir(iteration_directory) else []:
+        match = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?", name)
+        if match:
+            tensor_ranks.add(int(match.group(1)))
+            pipeline_ranks.add(int(match.group(2) or 0))
+    if not tensor_ranks:
+        return None
+    return max(tensor_ranks) + 1, max(pipeline_ranks) + 1
+
+
+def _check_saved_layout(iteration_directory: str, args) -> None:
+    """A checkpoint is read at the TP/PP layout it was written with; another layout needs conversion first."""
+    saved = _saved_layout(iteration_directory)
+    current = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if saved is None or saved == current:
+        return
+    raise CheckpointError(
+        f"{iteration_directory} was saved at tensor-parallel {saved[0]} x pipeline-parallel {saved[1]} but this run "
+        f"uses tensor-parallel {current[0]} x pipeline-parallel {current[1]}; re-shard it first: python "
+        f"tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir {os.path.dirname(iteration_directory)} "
+        f"--save-dir NEW_DIR --target-tensor-parallel-size {current[0]} --target-pipeline-parallel-size {current[1]}"
+    )
+
+
+def _check_optimizer_kind(checkpoint_name: str, optimizer_state: dict, args) -> None:
+    """Optimizer state is kept in the form it was saved in: sharded (distrib_optim.pt) or whole."""
+    saved_distributed = bool(isinstance(optimizer_state, dict) and optimizer_state.get("distributed_optimizer"))
+    if saved_distributed == bool(args.use_distributed_optimizer):
+        return
+    saved, current = ("with", "without") if saved_distributed else ("without", "with")
+    raise CheckpointError(
+        f"{checkpoint_name} was saved {saved} --use-distributed-optimizer but this run is {current} it; "
+        f"run {saved} the flag, or pass --no-load-optim to load the weights only (fresh optimizer state)"
+    )
+
+
+def _read_distributed_optimizer_state(checkpoints_path: str, checkpoint_name: str, iteration: int) -> dict:
+    """distrib_optim.pt beside the rank's model file (written by data-parallel rank 0 at any DP size)."""
+    name = os.path.join(os.path.dirname(checkpoint_name), DISTRIBUTED_OPTIMIZER_BASENAME)
+    return _read_checkpoint_file(checkpoints_path, name, iteration)
+
+
 def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load", strict: bool = True):
     """Load --load (or `load_arg`) into the model, optimizer, scheduler and RNGs.
 
@@ -357,6 +412,7 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
         return 0, 0
     iteration, release = located
     checkpoint_name = get_checkpoint_name(checkpoints_path, iteration, release)
+    _check_saved_layout(get_checkpoint_name(checkpoints_path, iteration, release, return_base_dir=True), args)
     state_dict = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration)
     checkpoint_args = state_dict.get("args")
     if checkpoint_args is not None:
@@ -380,8 +436,11 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
                 f"{checkpoint_name} holds no optimizer state (saved with --no-save-optim?); pass --no-load-optim "
                 "or --finetune to load the weights only"
             )
+        _check_optimizer_kind(checkpoint_name, state_dict["optimizer"], args)
         try:
             optimizer.load_state_dict(state_dict["optimizer"])
+            if args.use_distributed_optimizer:
+                optimizer.load_parameter_state(_read_distributed_optimizer_state(checkpoints_path, checkpoint_name, iteration))
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"the optimizer state in {checkpoint_name} does not fit: {error}") from None
         opt_param_scheduler.load_state_dict(state_dict["opt_param_scheduler"])

@@ -50,6 +50,7 @@ def _initialize_distributed(args):
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
         )
     print_rank_0(

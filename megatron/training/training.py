@@ -170,12 +170,34 @@ def update_train_iters(args):
     print_rank_0(f"setting training iterations to {args.train_iters}")
 
 
+def _build_model_chunks(model_provider_func, args) -> list:
+    """This rank's model chunks: one, or one per virtual pipeline stage (each with its own layers).
+
+    With --use-cpu-initialization every rank builds from --seed itself (not its per-stage seed), so
+    each weight equals the unsplit model's at any pipeline layout.
+    """
+    virtual_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = range(virtual_size) if virtual_size is not None else [None]
+    with torch.random.fork_rng(devices=[], enabled=bool(args.use_cpu_initialization)):
+        if args.use_cpu_initialization:
+            torch.manual_seed(args.seed)
+        return [
+            model_provider_func(
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                **({} if stage is None else {"vp_stage": stage}),
+            )
+            for stage in stages
+        ]
+
+
 def get_model(model_provider_func):
-    """This rank's model: built, cast to the training dtype, moved to the device, wrapped in DDP."""
+    """This rank's model chunks: built, cast to the training dtype, moved to the device, wrapped in DDP."""
     args = get_args()
-    model = model_provider_func(
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage()
-    )
+    return [_prepare_model_chunk(model, args) for model in _build_model_chunks(model_provider_func, args)]
+
+
+def _prepare_model_chunk(model, args):
     if args.fp16 or args.bf16:
         for param in model.parameters():
             param.data = param.data.to(args.params_dtype)
@@ -189,12 +211,13 @@ def get_model(model_provider_func):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
         bucket_size=args.ddp_bucket_size,
     )
     wrapped = DistributedDataParallel(model.config, ddp_config, model)
     if args.data_parallel_random_init:
         wrapped.broadcast_params()
-    return [wrapped]
+    return wrapped
 
 
 def get_optimizer_param_scheduler(optimizer):
@@ -255,6 +278,7 @@ def _optimizer_config(args) -> OptimizerConfig:
         sgd_momentum=args.sgd_momentum,
         clip_grad=args.clip_grad,
         log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+        use_distributed_optimizer=args.use_distributed_optimizer,
     )
 
 

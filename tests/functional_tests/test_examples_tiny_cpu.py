@@ -1,5 +1,6 @@
 """The *_tiny_cpu.sh example scripts run end to end as a user runs them (2 processes under torchrun, gloo),
-for every model and both stacks, with a short iteration count; they save a checkpoint that resumes."""
+for every model and both stacks, with a short iteration count; they save a checkpoint that resumes. Their
+TP=2 layout trains like their default (data-parallel) layout."""
 
 import os
 import subprocess
@@ -7,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO_ROOT, shared_path
-from tests.functional_tests.training_runs import free_port, iteration_records, require_data_pipeline
+from tests.functional_tests.training_runs import free_port, iteration_records, lm_losses, require_data_pipeline
 
 require_data_pipeline()
 
@@ -23,7 +24,7 @@ def data_dir(tmp_path_factory):
     return directory
 
 
-def _run_script(model, stack, data_dir, work_dir, train_iters):
+def _run_script(model, stack, data_dir, work_dir, train_iters, **layout):
     script = REPO_ROOT / "examples" / stack / model / f"pretrain_{model}_tiny_cpu.sh"
     tokenizer = "llama2" if model == "llama2" else "gpt2"
     env = dict(
@@ -39,6 +40,7 @@ def _run_script(model, stack, data_dir, work_dir, train_iters):
         EVAL_INTERVAL="3",
         MASTER_PORT=str(free_port()),
         OMP_NUM_THREADS="1",
+        **layout,
     )
     return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
 
@@ -61,3 +63,15 @@ def test_tiny_cpu_example_trains_saves_and_resumes(data_dir, tmp_path, model, st
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "successfully loaded checkpoint" in resumed.stdout
     assert iteration_records(resumed.stdout) == {4: iteration_records(first.stdout)[4]}
+
+
+@pytest.mark.parametrize("stack", ["mcore", "legacy"])
+def test_tiny_cpu_example_tensor_parallel_layout_trains_like_data_parallel(data_dir, tmp_path, stack):
+    # llama2's 32000-piece vocabulary needs no padding at TP=2, so both layouts build the same model.
+    data_parallel = _run_script("llama2", stack, data_dir, tmp_path / "dp", train_iters=3)
+    tensor_parallel = _run_script("llama2", stack, data_dir, tmp_path / "tp", train_iters=3, TP="2")
+    for run in (data_parallel, tensor_parallel):
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    expected, actual = lm_losses(data_parallel.stdout), lm_losses(tensor_parallel.stdout)
+    assert sorted(actual) == [1, 2, 3]
+    assert actual == pytest.approx(expected, rel=1e-5)

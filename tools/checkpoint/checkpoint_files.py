@@ -48,11 +48,14 @@ def model_args(
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     use_legacy_models: bool,
+    uneven_stage_layers: Tuple[Optional[int], Optional[int]] = (None, None),
 ) -> argparse.Namespace:
-    """The model-shaping args saved in a checkpoint, from model flags plus vocabulary and layout."""
+    """The model-shaping args saved in a checkpoint, from model flags plus vocabulary and layout
+    (`uneven_stage_layers`: the first and last pipeline stages' layer counts, None for an even share)."""
     args = _model_flag_parser().parse_args(flags)
     args.use_legacy_models = use_legacy_models
     args.use_mcore_models = not use_legacy_models
+    args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers = uneven_stage_layers
     return _complete_args(
         args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size
     )
@@ -69,20 +72,31 @@ def _complete_args(args, true_vocab_size, make_vocab_size_divisible_by, tensor_p
     try:
         validate_model_args(args)
     except ModelArgumentsError as error:
-        raise ConversionError(f"the model cannot be laid out as asked: {error}") from None
+        raise ConversionError(
+            f"the model cannot be laid out at tensor-parallel size {tensor_parallel_size} x pipeline-parallel size "
+            f"{pipeline_parallel_size} (--target-tensor-parallel-size / --target-pipeline-parallel-size / "
+            f"--target-decoder-first|last-pipeline-num-layers): {error}"
+        ) from None
     return args
 
 
-def relayout_args(args, tensor_parallel_size: int, pipeline_parallel_size: int, use_legacy_models: bool):
+def relayout_args(
+    args,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    use_legacy_models: bool,
+    uneven_stage_layers: Tuple[Optional[int], Optional[int]] = (None, None),
+):
     """A checkpoint's args moved to another layout and stack (the padded vocabulary is recomputed; settings
-    that only fit the old layout are dropped)."""
+    that only fit the old layout are dropped). An uneven pipeline split is kept at the same pipeline size
+    unless `uneven_stage_layers` (first, last stage layer counts) gives a new one."""
     moved = argparse.Namespace(**vars(args))
     moved.use_legacy_models = use_legacy_models
     moved.use_mcore_models = not use_legacy_models
     moved.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and tensor_parallel_size > 1
     moved.virtual_pipeline_model_parallel_size = None
-    if pipeline_parallel_size != args.pipeline_model_parallel_size:
-        moved.decoder_first_pipeline_num_layers = moved.decoder_last_pipeline_num_layers = None
+    if uneven_stage_layers != (None, None) or pipeline_parallel_size != args.pipeline_model_parallel_size:
+        moved.decoder_first_pipeline_num_layers, moved.decoder_last_pipeline_num_layers = uneven_stage_layers
     return _complete_args(
         moved, moved.true_vocab_size, moved.make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size
     )
@@ -190,16 +204,22 @@ def _load_rank_file(path: str) -> dict:
         raise ConversionError(f"{path} cannot be read ({error}); the file is truncated or not a checkpoint") from None
 
 
-def _stack_state(checkpoint: dict, path: str) -> Tuple[StateDict, bool]:
-    """(flat mcore-named state, was it legacy) of one rank file."""
-    if "model" not in checkpoint:
-        if any(key.startswith("model0") for key in checkpoint):
-            raise ConversionError(f"{path} holds virtual pipeline chunks (model0, model1, ...), not supported here")
-        raise ConversionError(f"{path} has no 'model' entry: it is not a model checkpoint")
-    flat = flatten_legacy_state_dict(checkpoint["model"])
-    legacy = any(name.startswith("language_model.") for name in flat)
-    state = {name: tensor for name, tensor in flat.items() if not name.endswith("._extra_state")}
-    return (legacy_to_mcore_names(state) if legacy else transformer_engine_to_local_names(state)), legacy
+def _stack_state(checkpoint: dict, path: str) -> Tuple[List[StateDict], bool]:
+    """(flat mcore-named state of each model chunk, was it legacy) of one rank file: one chunk under "model",
+    or virtual pipeline chunks under "model0", "model1", ..."""
+    if "model" in checkpoint:
+        chunks = [checkpoint["model"]]
+    else:
+        chunks = [checkpoint[f"model{index}"] for index in range(len(checkpoint)) if f"model{index}" in checkpoint]
+        if not chunks:
+            raise ConversionError(f"{path} has no 'model' entry: it is not a model checkpoint")
+    states, legacy = [], False
+    for chunk in chunks:
+        flat = flatten_legacy_state_dict(chunk)
+        legacy = any(name.startswith("language_model.") for name in flat)
+        state = {name: tensor for name, tensor in flat.items() if not name.endswith("._extra_state")}
+        states.append(legacy_to_mcore_names(state) if legacy else transformer_engine_to_local_names(state))
+    return states, legacy
 
 
 def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDict]:
@@ -234,9 +254,13 @@ def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDi
         for tensor_rank in range(tp):
             path = files[(tensor_rank, pipeline_rank)]
             checkpoint = first if (tensor_rank, pipeline_rank) == min(files) else _load_rank_file(path)
-            state, legacy = _stack_state(checkpoint, path)
-            shards.append(state)
-        stages.append(merge_tensor_parallel(shards, args.swiglu))
+            chunks, legacy = _stack_state(checkpoint, path)
+            if len(chunks) != len((stages or shards or [chunks])[0]):
+                raise ConversionError(f"{path} holds {len(chunks)} model chunks, unlike the other rank files")
+            shards.append(chunks)
+        stages.append(
+            [merge_tensor_parallel([shard[chunk] for shard in shards], args.swiglu) for chunk in range(len(chunks))]
+        )
     args.use_legacy_models, args.use_mcore_models = legacy, not legacy
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
     return args, merge_pipeline(stages, args, tied=not args.untie_embeddings_and_output_weights)

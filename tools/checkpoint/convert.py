@@ -6,7 +6,9 @@
 hf -> mg writes CKPT/latest_checkpointed_iteration.txt ("release") and CKPT/release/mp_rank_TT[_PPP]/
 model_optim_rng.pt, which `--load CKPT --finetune` (or `--no-load-optim --no-load-rng`) trains from;
 mg -> hf writes config.json + model.safetensors that `transformers` loads; mg -> mg re-lays out a
-checkpoint (TP/PP) and/or moves it between the legacy and mcore stacks.
+checkpoint (TP/PP, uneven first/last pipeline stages) and/or moves it between the legacy and mcore stacks
+(by default it keeps the source's stack). Megatron inputs may be at any layout, virtual pipeline chunks
+included; only the model weights are converted (train from the result with --finetune or --no-load-optim).
 """
 
 import argparse
@@ -45,9 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-dir", required=True, help="Where to write the converted model.")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1, help="Tensor-parallel size to write.")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="Pipeline-parallel size to write.")
+    for stage in ("first", "last"):
+        parser.add_argument(
+            f"--target-decoder-{stage}-pipeline-num-layers",
+            type=int,
+            default=None,
+            help=f"Layers of the {stage} pipeline stage to write (uneven split; the other stages share the rest). "
+            "mg -> mg at an unchanged pipeline size keeps the source's split by default.",
+        )
     stack = parser.add_mutually_exclusive_group()
-    stack.add_argument("--use-mcore-models", action="store_true", help="Write the mcore stack (the default).")
-    stack.add_argument("--use-legacy-models", action="store_true", help="Write the legacy stack.")
+    stack.add_argument(
+        "--use-mcore-models", action="store_true", help="Write the mcore stack (the default, except mg -> mg)."
+    )
+    stack.add_argument(
+        "--use-legacy-models", action="store_true", help="Write the legacy stack (mg -> mg: the source's stack)."
+    )
     parser.add_argument(
         "--make-vocab-size-divisible-by",
         type=int,
@@ -61,11 +75,18 @@ def check_state_fits_args(args, state) -> None:
     """The tensors must have exactly the shapes of the model the args describe (built here at TP=1, PP=1)."""
     mcore_args = argparse.Namespace(**vars(args))
     mcore_args.use_legacy_models = False
+    mcore_args.tensor_model_parallel_size = mcore_args.pipeline_model_parallel_size = 1
+    mcore_args.decoder_first_pipeline_num_layers = mcore_args.decoder_last_pipeline_num_layers = None
+    mcore_args.virtual_pipeline_model_parallel_size = None
     config = core_transformer_config_from_args(mcore_args)
     config.perform_initialization = False
     config.use_cpu_initialization = True
     model = gpt_builder(mcore_args, config=config)
     check_state_dict_fits(model.state_dict(), state)
+
+
+def _uneven_stage_layers(options):
+    return options.target_decoder_first_pipeline_num_layers, options.target_decoder_last_pipeline_num_layers
 
 
 def _hf_to_megatron(options) -> None:
@@ -83,6 +104,7 @@ def _hf_to_megatron(options) -> None:
         options.target_tensor_parallel_size,
         options.target_pipeline_parallel_size,
         options.use_legacy_models,
+        _uneven_stage_layers(options),
     )
     state = family.to_mcore(hf_state, args)
     check_state_fits_args(args, state)
@@ -101,8 +123,14 @@ def _megatron_to_hf(options) -> None:
 def _megatron_to_megatron(options) -> None:
     args, state = read_megatron_checkpoint(options.load_dir)
     check_state_fits_args(args, state)
+    stack_asked = options.use_mcore_models or options.use_legacy_models
+    legacy = options.use_legacy_models if stack_asked else args.use_legacy_models
     target = relayout_args(
-        args, options.target_tensor_parallel_size, options.target_pipeline_parallel_size, options.use_legacy_models
+        args,
+        options.target_tensor_parallel_size,
+        options.target_pipeline_parallel_size,
+        legacy,
+        _uneven_stage_layers(options),
     )
     write_megatron_checkpoint(options.save_dir, target, fit_vocabulary(state, target))
 

@@ -160,24 +160,24 @@ def merge_tensor_parallel(shards: List[StateDict], gated_mlp: bool) -> StateDict
     return merged
 
 
-def _stage_layers(args, pipeline_size: int) -> List[Tuple[int, int]]:
-    return [
-        layer_offset_and_count(
-            args.num_layers,
-            pipeline_size,
-            stage,
-            first_stage_layers=getattr(args, "decoder_first_pipeline_num_layers", None),
-            last_stage_layers=getattr(args, "decoder_last_pipeline_num_layers", None),
-        )
-        for stage in range(pipeline_size)
-    ]
+def _chunk_layers(args, pipeline_size: int, stage: int, virtual_size: int = 1, chunk: int = 0) -> Tuple[int, int]:
+    """(first global layer, layer count) of one pipeline stage's model chunk under the split in `args`."""
+    return layer_offset_and_count(
+        args.num_layers,
+        pipeline_size,
+        stage,
+        virtual_size=virtual_size,
+        virtual_stage=chunk,
+        first_stage_layers=getattr(args, "decoder_first_pipeline_num_layers", None),
+        last_stage_layers=getattr(args, "decoder_last_pipeline_num_layers", None),
+    )
 
 
 def split_pipeline(state: StateDict, args, pipeline_size: int, tied: bool) -> List[StateDict]:
     """Per-stage state dicts with local layer numbers; the last stage of a tied model with several stages
     gets its own copy of the word embeddings as `output_layer.weight`."""
     stages = [{} for _ in range(pipeline_size)]
-    layers = _stage_layers(args, pipeline_size)
+    layers = [_chunk_layers(args, pipeline_size, stage) for stage in range(pipeline_size)]
     for name, tensor in state.items():
         match = _MCORE_LAYER.match(name)
         if match:
@@ -193,17 +193,20 @@ def split_pipeline(state: StateDict, args, pipeline_size: int, tied: bool) -> Li
     return stages
 
 
-def merge_pipeline(stages: List[StateDict], args, tied: bool) -> StateDict:
-    """Inverse of split_pipeline (the last stage's copy of tied embeddings is dropped)."""
+def merge_pipeline(stages: List[List[StateDict]], args, tied: bool) -> StateDict:
+    """Inverse of split_pipeline, also for virtual pipeline chunks: `stages[p][v]` is chunk v of stage p
+    (one chunk per stage without virtual stages). The last stage's copy of tied embeddings is dropped."""
     merged = {}
-    layers = _stage_layers(args, len(stages))
-    for stage, state in enumerate(stages):
-        for name, tensor in state.items():
-            match = _MCORE_LAYER.match(name)
-            if match:
-                merged[f"decoder.layers.{int(match.group(1)) + layers[stage][0]}.{match.group(2)}"] = tensor
-            elif tied and name == "output_layer.weight" and stage > 0:
-                continue
-            else:
-                merged[name] = tensor
+    virtual_size = len(stages[0])
+    for stage, chunks in enumerate(stages):
+        for chunk, state in enumerate(chunks):
+            offset, _ = _chunk_layers(args, len(stages), stage, virtual_size, chunk)
+            for name, tensor in state.items():
+                match = _MCORE_LAYER.match(name)
+                if match:
+                    merged[f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"] = tensor
+                elif tied and name == "output_layer.weight" and (stage, chunk) != (0, 0):
+                    continue
+                else:
+                    merged[name] = tensor
     return merged

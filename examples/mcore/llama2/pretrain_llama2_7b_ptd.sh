@@ -12,15 +12,17 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-WORLD_SIZE=${WORLD_SIZE:-$((GPUS_PER_NODE * NNODES))}
+# Nodes without a shared file system: NO_SHARED_STORAGE=1 builds the dataset index cache on every node.
+NO_SHARED_STORAGE=${NO_SHARED_STORAGE:-0}
 
 STACK=${STACK:-mcore}
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-ckpt/llama2_7b_${STACK}}
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-$CKPT_SAVE_DIR}
 DATA_PATH=${DATA_PATH:-dataset/llama2/wikitext2_text_document}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-model_from_hf/llama2_7b/tokenizer.model}
-TP=${TP:-1}
-PP=${PP:-2}
+# GPUS_PER_NODE x NNODES = TP x PP x data-parallel size; the published layout is TP=8 PP=1 (TP=1 PP=2 also fits).
+TP=${TP:-8}
+PP=${PP:-1}
 
 DISTRIBUTED_ARGS="
     --nproc-per-node $GPUS_PER_NODE \
@@ -91,6 +93,7 @@ torchrun $DISTRIBUTED_ARGS pretrain_gpt.py \
     $DATA_ARGS \
     $OUTPUT_ARGS \
     --distributed-backend nccl \
+    $([ "$NO_SHARED_STORAGE" = 1 ] && echo --no-shared-storage) \
     --load $CKPT_LOAD_DIR \
     --save $CKPT_SAVE_DIR \
     | tee "$LOG_DIR"/pretrain_llama2_7b_${STACK}.log

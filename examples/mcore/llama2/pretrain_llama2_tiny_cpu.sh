@@ -13,6 +13,12 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+# Layout: NPROC_PER_NODE x NNODES = TP x PP x data-parallel size, e.g. TP=2 (tensor parallel over the 2
+# processes), PP=2 (two pipeline stages) or the default TP=1 PP=1 (data parallel over 2 processes).
+TP=${TP:-1}
+PP=${PP:-1}
+# Nodes without a shared file system: NO_SHARED_STORAGE=1 builds the dataset index cache on every node.
+NO_SHARED_STORAGE=${NO_SHARED_STORAGE:-0}
 
 STACK=${STACK:-mcore}
 WORK_DIR=${WORK_DIR:-work_dirs/llama2_tiny_cpu_${STACK}}
@@ -37,6 +43,8 @@ DISTRIBUTED_ARGS="
 
 GPT_ARGS="
     --use-${STACK}-models \
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
     --num-layers 2 \
     --hidden-size 128 \
     --ffn-hidden-size 352 \
@@ -91,7 +99,9 @@ torchrun $DISTRIBUTED_ARGS pretrain_gpt.py \
     $DATA_ARGS \
     $OUTPUT_ARGS \
     --device cpu \
+    --use-cpu-initialization \
     --distributed-backend gloo \
+    $([ "$NO_SHARED_STORAGE" = 1 ] && echo --no-shared-storage) \
     --load $CKPT_LOAD_DIR \
     --save $CKPT_SAVE_DIR \
     | tee "$LOG_DIR"/pretrain_llama2_tiny_cpu_${STACK}.log

@@ -12,13 +12,15 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-WORLD_SIZE=${WORLD_SIZE:-$((GPUS_PER_NODE * NNODES))}
+# Nodes without a shared file system: NO_SHARED_STORAGE=1 builds the dataset index cache on every node.
+NO_SHARED_STORAGE=${NO_SHARED_STORAGE:-0}
 
 STACK=${STACK:-mcore}
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-ckpt/llama3_8b_${STACK}}
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-$CKPT_SAVE_DIR}
 DATA_PATH=${DATA_PATH:-dataset/llama3/wikitext2_text_document}
 TOKENIZER_PATH=${TOKENIZER_PATH:-model_from_hf/llama3_8b}
+# GPUS_PER_NODE x NNODES = TP x PP x data-parallel size.
 TP=${TP:-8}
 PP=${PP:-1}
 
@@ -93,6 +95,7 @@ torchrun $DISTRIBUTED_ARGS pretrain_gpt.py \
     $DATA_ARGS \
     $OUTPUT_ARGS \
     --distributed-backend nccl \
+    $([ "$NO_SHARED_STORAGE" = 1 ] && echo --no-shared-storage) \
     --load $CKPT_LOAD_DIR \
     --save $CKPT_SAVE_DIR \
     | tee "$LOG_DIR"/pretrain_llama3_8b_${STACK}.log

@@ -4,8 +4,61 @@ from typing import List
 
 import torch
 
+from megatron.core import parallel_state
+
+
+def _unwrap(model_chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model_chunk, "module"):
+        model_chunk = model_chunk.module
+    return model_chunk
+
+
+def _allreduce_embedding_grads(model: List[torch.nn.Module]) -> None:
+    """Sum the tied word-embedding gradients of the first and last pipeline stages, so both copies take
+    the same optimizer step and stay equal."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if not parallel_state.is_rank_in_embedding_group():
+        return
+    group = parallel_state.get_embedding_group()
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return
+    if parallel_state.is_pipeline_first_stage():
+        model_chunk = model[0]
+    else:
+        model_chunk = model[-1]
+    module = _unwrap(model_chunk)
+    if not getattr(module, "share_embeddings_and_output_weights", False):
+        return
+    weight = module.shared_embedding_or_output_weight()
+    grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+    torch.distributed.all_reduce(grad, group=group)
+
+
+def _allreduce_sequence_parallel_grads(model: List[torch.nn.Module]) -> None:
+    """Sum over tensor-parallel ranks the gradients of weights replicated there but applied to a part of the
+    data: norm scales under --sequence-parallel (each rank saw its part of the sequence) and q/k head norms
+    (each rank normalised its own heads)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [
+        param.main_grad
+        for model_chunk in model
+        for param in model_chunk.parameters()
+        if param.requires_grad
+        and (getattr(param, "sequence_parallel", False) or getattr(param, "tensor_parallel_partial_grad", False))
+    ]
+    if not grads:
+        return
+    coalesced = torch.cat([grad.reshape(-1) for grad in grads])
+    torch.distributed.all_reduce(coalesced, group=parallel_state.get_tensor_model_parallel_group())
+    for grad, reduced in zip(grads, torch.split(coalesced, [grad.numel() for grad in grads])):
+        grad.copy_(reduced.view_as(grad))
+
 
 def finalize_model_grads(model: List[torch.nn.Module]) -> None:
-    """Complete the data-parallel gradient reduction of each model chunk."""
+    """Complete the data-parallel gradient reduction of each model chunk, then sync tied embeddings."""
     for model_chunk in model:
         model_chunk.finish_grad_sync()
+    _allreduce_sequence_parallel_grads(model)
+    _allreduce_embedding_grads(model)

@@ -7,6 +7,7 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
 from megatron.core.optimizer.optimizer import (
     Float16OptimizerWithFloat16Params,
@@ -84,8 +85,21 @@ def get_megatron_optimizer(
     model_chunks: List[torch.nn.Module],
     no_weight_decay_cond: Optional[Callable] = None,
 ) -> MegatronOptimizer:
-    """The optimizer for `model_chunks`: fp32 training, or fp16/bf16 with fp32 master weights."""
+    """The optimizer for `model_chunks`: fp32 training, or fp16/bf16 with fp32 master weights, optionally
+    sharded over data-parallel ranks (the chunks must then be DistributedDataParallel with
+    `use_distributed_optimizer`)."""
     param_groups = get_param_groups(model_chunks, no_weight_decay_cond)
+    if config.use_distributed_optimizer:
+        return DistributedOptimizer(
+            config,
+            model_chunks,
+            param_groups,
+            lambda shard_groups: _build_torch_optimizer(config, shard_groups),
+            _grad_scaler(config),
+            parallel_state.get_data_parallel_group(check_initialized=False),
+            # Each rank holds distinct gradient shards, so the global norm sums over every rank.
+            torch.distributed.group.WORLD if torch.distributed.is_initialized() else None,
+        )
     torch_optimizer = _build_torch_optimizer(config, param_groups)
     model_parallel_group = parallel_state.get_model_parallel_group(check_initialized=False)
     if not (config.fp16 or config.bf16):
@@ -103,6 +117,7 @@ def get_megatron_optimizer(
 
 __all__ = [
     "ConstantGradScaler",
+    "DistributedOptimizer",
     "DynamicGradScaler",
     "Float16OptimizerWithFloat16Params",
     "FP32Optimizer",

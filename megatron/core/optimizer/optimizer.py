@@ -92,6 +92,25 @@ def _main_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return main_grad if main_grad is not None else param.grad
 
 
+def unscale_and_check_for_inf(
+    main_params: List[torch.nn.Parameter],
+    grad_scaler: MegatronGradScaler,
+    found_inf_reduce: Optional[Callable[[torch.Tensor], None]],
+) -> bool:
+    """Divide the master gradients by the loss scale; True when any of them is inf or NaN on any rank that
+    `found_inf_reduce` reaches (every rank must call it: it is a collective)."""
+    grads = [param.grad for param in main_params if param.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, grad_scaler.inv_scale)
+        finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all()
+    else:
+        finite = torch.tensor(True)
+    found_inf = (~finite).float().reshape(1)
+    if found_inf_reduce is not None:
+        found_inf_reduce(found_inf)
+    return bool(found_inf.item() > 0)
+
+
 class FP32Optimizer(MegatronOptimizer):
     """Full-precision training: the torch optimizer updates the model's own fp32 parameters."""
 
@@ -169,18 +188,6 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
             grad = _main_grad(model_param)
             main_param.grad = None if grad is None else grad.float()
 
-    def _unscale_and_check_for_inf(self) -> bool:
-        """Divide the master gradients by the loss scale; True when any of them is inf or NaN anywhere."""
-        grads = [param.grad for param in self.main_params if param.grad is not None]
-        if not grads:
-            return False
-        torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
-        finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all()
-        found_inf = (~finite).float().reshape(1)
-        if self.found_inf_reduce is not None:
-            self.found_inf_reduce(found_inf)
-        return bool(found_inf.item() > 0)
-
     def _copy_main_params_to_model_params(self) -> None:
         with torch.no_grad():
             for model_param, main_param in zip(self.model_params, self.main_params):
@@ -190,7 +197,7 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
     def step(self):
         self._copy_model_grads_to_main_grads()
         if self.grad_scaler is not None:
-            found_inf = self._unscale_and_check_for_inf()
+            found_inf = unscale_and_check_for_inf(self.main_params, self.grad_scaler, self.found_inf_reduce)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return False, None, None

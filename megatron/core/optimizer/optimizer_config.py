@@ -30,6 +30,9 @@ class OptimizerConfig:
     adam_eps: float = 1e-08
     sgd_momentum: float = 0.9
 
+    use_distributed_optimizer: bool = False
+    """Shard fp32 master weights and optimizer state over data-parallel ranks (DistributedOptimizer)."""
+
     clip_grad: float = 1.0
     log_num_zeros_in_grad: bool = False
 

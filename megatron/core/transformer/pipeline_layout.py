@@ -1,7 +1,10 @@
 """Which decoder layers each pipeline stage (and virtual chunk) owns: one pure function of the sizes,
 shared by the model builders and the checkpoint converter."""
 
+import contextlib
 from typing import List, Optional, Tuple
+
+import torch
 
 from megatron.core.model_parallel_config import ConfigError
 
@@ -72,3 +75,20 @@ def layer_offset_and_count(
     chunk = virtual_stage or 0
     offset = chunk * sum(per_chunk) + sum(per_chunk[:pipeline_rank])
     return offset, per_chunk[pipeline_rank]
+
+
+@contextlib.contextmanager
+def layout_independent_init(config, position: int):
+    """With --use-cpu-initialization, draw one module's weights from the default generator reseeded by the
+    module's position in the whole model (0: embeddings, n: decoder layer n, num_layers + 1: output layer).
+
+    A pipeline stage then builds the same weights as the unsplit model, whatever the earlier stages drew.
+    The generator state is restored afterwards; without CPU initialisation nothing changes.
+    """
+    if not config.use_cpu_initialization:
+        yield
+        return
+    base_seed = torch.initial_seed()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seed + position)
+        yield

@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.inference_params import InferenceParams
 from megatron.core.tensor_parallel.random import checkpoint, get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.pipeline_layout import layer_offset_and_count
+from megatron.core.transformer.pipeline_layout import layer_offset_and_count, layout_independent_init
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -45,13 +45,15 @@ class TransformerBlock(MegatronModule):
         self.post_process = post_process
         self.input_tensor = None
         offset, count = layer_offset_and_count_for_this_rank(config, vp_stage)
-        self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=offset + index + 1) for index in range(count)
-        )
+        self.layers = torch.nn.ModuleList(self._build_layer(spec, offset + index + 1) for index in range(count))
         if post_process and post_layer_norm:
             self.final_layernorm = WrappedTorchNorm(config, config.hidden_size)
         else:
             self.final_layernorm = None
+
+    def _build_layer(self, spec: ModuleSpec, layer_number: int) -> torch.nn.Module:
+        with layout_independent_init(self.config, layer_number):
+            return build_module(spec, config=self.config, layer_number=layer_number)
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         """The activations received from the previous pipeline stage replace the embedding output."""

@@ -7,6 +7,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt.gpt_model import rotary_sequence_length
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.pipeline_layout import layout_independent_init
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.legacy.model.transformer import ParallelTransformer
 
@@ -30,7 +31,8 @@ class TransformerLanguageModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         if pre_process:
-            self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
+            with layout_independent_init(config, 0):
+                self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
         self.use_rotary_position_embeddings = position_embedding_type == "rope"
         if self.use_rotary_position_embeddings:
             self.rotary_pos_emb = RotaryEmbedding(
@@ -43,9 +45,10 @@ class TransformerLanguageModel(MegatronModule):
             config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
         )
         if post_process and untie_embeddings_and_output_weights:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False
-            )
+            with layout_independent_init(config, config.num_layers + 1):
+                self.output_layer = ColumnParallelLinear(
+                    config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False
+                )
 
     def set_input_tensor(self, input_tensor) -> None:
         self.encoder.set_input_tensor(input_tensor)

@@ -58,10 +58,12 @@ class MegatronPretrainingSampler:
 
 
 class MegatronPretrainingRandomSampler:
-    """Endless passes, each a fresh permutation (seeded by seed + epoch) of this rank's share of the dataset.
+    """Endless passes, each a fresh permutation of this rank's share of the dataset.
 
     The dataset is cut into data_parallel_size contiguous buckets of whole micro batches; in every epoch each
-    rank reads its bucket in a new random order. The position inside an epoch follows from consumed_samples.
+    rank reads its bucket in a new random order, seeded by the epoch number as Megatron-LM seeds it, so a run
+    resumed from a Megatron-LM checkpoint reads the same batches. The position inside an epoch follows from
+    consumed_samples.
     """
 
     def __init__(
@@ -71,13 +73,11 @@ class MegatronPretrainingRandomSampler:
         micro_batch_size: int,
         data_parallel_rank: int,
         data_parallel_size: int,
-        seed: int,
     ):
         _check_sampler_arguments(dataset_size, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         self.micro_batch_size = micro_batch_size
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
-        self.seed = seed
         self.bucket_size = (dataset_size // (micro_batch_size * data_parallel_size)) * micro_batch_size
         if self.bucket_size == 0:
             raise ValueError(
@@ -93,7 +93,7 @@ class MegatronPretrainingRandomSampler:
         bucket_start = self.data_parallel_rank * self.bucket_size
         while True:
             generator = torch.Generator()
-            generator.manual_seed(self.seed + epoch)
+            generator.manual_seed(epoch)
             order = torch.randperm(self.bucket_size, generator=generator).tolist()
             for start in range(offset_in_bucket, self.bucket_size - self.micro_batch_size + 1, self.micro_batch_size):
                 yield [bucket_start + index for index in order[start : start + self.micro_batch_size]]
@@ -125,7 +125,7 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, args) -> Optio
         )
     else:
         sampler = MegatronPretrainingRandomSampler(
-            len(dataset), consumed_samples, args.micro_batch_size, data_parallel_rank, data_parallel_size, args.seed
+            len(dataset), consumed_samples, args.micro_batch_size, data_parallel_rank, data_parallel_size
         )
     return torch.utils.data.DataLoader(
         dataset,

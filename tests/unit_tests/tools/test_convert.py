@@ -58,13 +58,15 @@ def test_hf_to_megatron_writes_the_documented_layout(hf_llama_dir, convert, tmp_
     assert not list(tmp_path.glob("**/*.tmp*"))
 
 
-def test_hf_megatron_hf_round_trip_is_bit_identical(hf_qwen3_dir, hf_gpt2_dir, convert, tmp_path):
+def test_hf_megatron_hf_round_trip_is_bit_identical(hf_llama_dir, hf_qwen3_dir, hf_gpt2_dir, convert, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    for family, hf_dir in (("qwen3", hf_qwen3_dir), ("gpt2", hf_gpt2_dir)):
+    for family, hf_dir, stack in (
+        ("llama3", hf_llama_dir, "mcore"), ("qwen3", hf_qwen3_dir, "legacy"), ("gpt2", hf_gpt2_dir, "legacy")
+    ):
         mg_dir, back = tmp_path / f"{family}_mg", tmp_path / f"{family}_hf"
         hf_to_mg(convert, hf_dir, mg_dir, family, "--target-tensor-parallel-size", "2",
-                 "--target-pipeline-parallel-size", "2", "--use-legacy-models")
+                 "--target-pipeline-parallel-size", "2", f"--use-{stack}-models")
         convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", family,
                 "--load-dir", mg_dir, "--save-dir", back)
         original, returned = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
@@ -207,4 +209,44 @@ def test_megatron_lm_transformer_engine_checkpoints_are_read(hf_gpt2_dir, conver
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "gpt2",
             "--load-dir", foreign, "--save-dir", back)
     original, returned = load_file(hf_gpt2_dir / "model.safetensors"), load_file(back / "model.safetensors")
+    assert all(torch.equal(original[name], returned[name]) for name in original)
+
+
+def test_interleaved_pipeline_checkpoints_are_read(convert, tmp_path):
+    """--num-layers-per-virtual-pipeline-stage checkpoints hold model0, model1 per rank file with local layer
+    numbers; with 4 layers over 2 stages x 2 chunks the layers go round-robin: stage 0 holds 0 and 2, stage 1
+    holds 1 and 3."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
+    hf_to_mg(convert, tmp_path / "hf", tmp_path / "flat", "llama2")
+    checkpoint = torch.load(rank_file(tmp_path / "flat"), weights_only=False)
+    state = checkpoint["model"]
+    checkpoint["args"].pipeline_model_parallel_size = 2
+    checkpoint["args"].virtual_pipeline_model_parallel_size = 2
+    global_layers = {(0, 0): 0, (1, 0): 1, (0, 1): 2, (1, 1): 3}  # (stage, chunk) -> global layer
+    for stage in (0, 1):
+        chunks = {}
+        for chunk in (0, 1):
+            prefix = f"decoder.layers.{global_layers[(stage, chunk)]}."
+            chunk_state = {"decoder.layers.0." + name[len(prefix):]: tensor
+                           for name, tensor in state.items() if name.startswith(prefix)}
+            if (stage, chunk) == (0, 0):
+                chunk_state["embedding.word_embeddings.weight"] = state["embedding.word_embeddings.weight"]
+            if (stage, chunk) == (1, 1):
+                for name in ("decoder.final_layernorm.weight", "output_layer.weight"):
+                    chunk_state[name] = state[name]
+            chunks[f"model{chunk}"] = chunk_state
+        path = rank_file(tmp_path / "interleaved", 0, stage, True)
+        os.makedirs(os.path.dirname(path))
+        torch.save({"args": checkpoint["args"], "iteration": 0, **chunks}, path)
+    (tmp_path / "interleaved" / "latest_checkpointed_iteration.txt").write_text("release")
+    convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "llama2",
+            "--load-dir", tmp_path / "interleaved", "--save-dir", tmp_path / "back")
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    returned = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(original) == sorted(returned)
     assert all(torch.equal(original[name], returned[name]) for name in original)

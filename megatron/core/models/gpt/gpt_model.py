@@ -14,6 +14,7 @@ from megatron.core.models.common.language_module.language_module import (
     single_input_tensor,
 )
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.pipeline_layout import layout_independent_init
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -84,7 +85,8 @@ class GPTModel(LanguageModule):
         self.vp_stage = vp_stage
 
         if pre_process:
-            self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
+            with layout_independent_init(config, 0):
+                self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
@@ -103,15 +105,16 @@ class GPTModel(LanguageModule):
             config, transformer_layer_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
         )
         if post_process:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size,
-                vocab_size,
-                config=config,
-                init_method=config.init_method,
-                bias=False,
-                gather_output=False,
-                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
-            )
+            with layout_independent_init(config, config.num_layers + 1):
+                self.output_layer = ColumnParallelLinear(
+                    config.hidden_size,
+                    vocab_size,
+                    config=config,
+                    init_method=config.init_method,
+                    bias=False,
+                    gather_output=False,
+                    skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                )
         self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:

@@ -1,0 +1,248 @@
+"""The distributed optimizer: fp32 master weights and optimizer state sharded over data-parallel ranks.
+
+Each DistributedDataParallel bucket is padded to a multiple of the data-parallel size and split into equal
+slices; data-parallel rank r owns slice r of every bucket. DDP reduce-scatters the gradients, so rank r holds
+the averaged gradient of its slice only; it keeps fp32 masters and Adam moments for exactly that slice,
+steps them, and all-gathers the updated weights back into every replica's parameters. Optimizer memory per
+rank therefore drops by the data-parallel size.
+
+The checkpointed parameter state (`distrib_optim.pt`) is gathered on data-parallel rank 0 in the buffers'
+unpadded parameter order, so it does not depend on the data-parallel size it was saved at: loading at
+another size re-partitions it.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.optimizer.grad_scaler import MegatronGradScaler
+from megatron.core.optimizer.optimizer import MegatronOptimizer, unscale_and_check_for_inf
+from megatron.core.optimizer.optimizer_config import OptimizerConfig
+
+_MASTER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "shared", "sequence_parallel")
+PARAMETER_STATE_VERSION = 1
+
+
+@dataclass
+class _ShardEntry:
+    """The part of one model parameter that this data-parallel rank owns, and its fp32 master copy."""
+
+    model_param: torch.nn.Parameter
+    buffer: object
+    bucket: object
+    param_start: int
+    """Flat [param_start, param_end) within the parameter."""
+    param_end: int
+    buffer_start: int
+    """Where the owned part starts in the gradient buffer."""
+    master: torch.nn.Parameter
+
+
+def _collective_size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+class DistributedOptimizer(MegatronOptimizer):
+    """Wraps a torch optimizer built over this rank's shard masters (`build_optimizer(param_groups)`)."""
+
+    def __init__(
+        self,
+        config: OptimizerConfig,
+        model_chunks: List[torch.nn.Module],
+        param_groups: List[dict],
+        build_optimizer: Callable[[List[dict]], torch.optim.Optimizer],
+        grad_scaler: Optional[MegatronGradScaler],
+        data_parallel_group: Optional[dist.ProcessGroup],
+        grad_stats_parallel_group: Optional[dist.ProcessGroup],
+    ):
+        if config.fp16 and grad_scaler is None:
+            raise ValueError("fp16 training needs a grad scaler")
+        self.model_chunks = model_chunks
+        self.grad_scaler = grad_scaler
+        self.data_parallel_group = data_parallel_group
+        self.data_parallel_rank = dist.get_rank(data_parallel_group) if data_parallel_group is not None else 0
+        self.entries = self._shard_entries()
+        group_of_param = {param: index for index, group in enumerate(param_groups) for param in group["params"]}
+        shard_groups = [{**group, "params": []} for group in param_groups]
+        for entry in self.entries:
+            shard_groups[group_of_param[entry.model_param]]["params"].append(entry.master)
+        super().__init__(build_optimizer(shard_groups), config, grad_stats_parallel_group)
+
+    def _buffers(self):
+        for chunk in self.model_chunks:
+            yield from chunk.buffers
+
+    def _shard_entries(self) -> List[_ShardEntry]:
+        entries = []
+        for buffer in self._buffers():
+            for bucket in buffer.buckets:
+                shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+                shard_start, shard_end = bucket.offset + shard_start, bucket.offset + shard_end
+                for param in bucket.params:
+                    start, end, _ = buffer.param_index_map[param]
+                    low, high = max(start, shard_start), min(end, shard_end)
+                    if low >= high:
+                        continue
+                    master = torch.nn.Parameter(param.detach().view(-1)[low - start : high - start].clone().float())
+                    for attribute in _MASTER_ATTRIBUTES:
+                        if hasattr(param, attribute):
+                            setattr(master, attribute, getattr(param, attribute))
+                    entries.append(_ShardEntry(param, buffer, bucket, low - start, high - start, low, master))
+        return entries
+
+    def get_loss_scale(self) -> float:
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Master gradients are views or fresh copies of the reduced buffer each step, so they are dropped."""
+        for entry in self.entries:
+            entry.master.grad = None
+
+    def _found_inf_reduce(self, found_inf: torch.Tensor) -> None:
+        """Every rank holds different gradients, so an overflow anywhere skips the step everywhere."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+
+    def step(self):
+        for entry in self.entries:
+            size = entry.param_end - entry.param_start
+            entry.master.grad = entry.buffer.grad_data[entry.buffer_start : entry.buffer_start + size].float()
+        if self.grad_scaler is not None:
+            found_inf = unscale_and_check_for_inf(
+                [entry.master for entry in self.entries], self.grad_scaler, self._found_inf_reduce
+            )
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None, None
+        grad_norm, num_zeros = self._clip_and_step()
+        self._all_gather_model_params()
+        return True, grad_norm, num_zeros
+
+    def _all_gather_model_params(self) -> None:
+        """Every replica receives every bucket's updated weights from the rank that owns each slice."""
+        entries_by_bucket: Dict[int, List[_ShardEntry]] = {}
+        for entry in self.entries:
+            entries_by_bucket.setdefault(id(entry.bucket), []).append(entry)
+        with torch.no_grad():
+            for buffer in self._buffers():
+                for bucket in buffer.buckets:
+                    dtype = bucket.params[0].dtype
+                    gathered = torch.zeros(bucket.grad_data.numel(), dtype=dtype, device=bucket.grad_data.device)
+                    shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+                    for entry in entries_by_bucket.get(id(bucket), []):
+                        local = entry.buffer_start - bucket.offset
+                        gathered[local : local + entry.master.numel()].copy_(entry.master)
+                    if _collective_size(self.data_parallel_group) > 1:
+                        gathered = self._all_gather(gathered[shard_start:shard_end].clone(), bucket.grad_data.numel())
+                    for param in bucket.params:
+                        start, end, _ = buffer.param_index_map[param]
+                        param.view(-1).copy_(gathered[start - bucket.offset : end - bucket.offset])
+
+    def _all_gather(self, shard: torch.Tensor, total: int) -> torch.Tensor:
+        gathered = torch.empty(total, dtype=shard.dtype, device=shard.device)
+        dist.all_gather_single(gathered, shard, group=self.data_parallel_group)
+        return gathered
+
+    def reload_model_params(self) -> None:
+        """Refresh the masters from freshly loaded model weights."""
+        with torch.no_grad():
+            for entry in self.entries:
+                entry.master.copy_(entry.model_param.detach().view(-1)[entry.param_start : entry.param_end])
+
+    def state_dict(self) -> dict:
+        """Hyperparameters and loss scale (identical on every rank); the sharded part is in
+        `gather_parameter_state()`."""
+        return {
+            "param_groups": [
+                {key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups
+            ],
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "distributed_optimizer": True,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict.get("distributed_optimizer"):
+            raise ValueError("it was saved without --use-distributed-optimizer")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"it has {len(saved_groups)} parameter groups but this optimizer has {len(self.optimizer.param_groups)}"
+            )
+        for group, saved in zip(self.optimizer.param_groups, saved_groups):
+            group.update(saved)
+        if self.grad_scaler is not None and state_dict.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+    def _sharded_state_keys(self) -> List[str]:
+        """'param' (the masters) plus the optimizer's per-element state tensors (exp_avg, exp_avg_sq, ...)."""
+        for entry in self.entries:
+            state = self.optimizer.state.get(entry.master, {})
+            return ["param"] + sorted(
+                key for key, value in state.items() if torch.is_tensor(value) and value.shape == entry.master.shape
+            )
+        return ["param"]
+
+    def _scalar_state(self) -> dict:
+        """Per-parameter scalars (Adam's step count), equal for every parameter."""
+        for entry in self.entries:
+            state = self.optimizer.state.get(entry.master, {})
+            return {key: value for key, value in state.items() if not (torch.is_tensor(value) and value.dim() > 0)}
+        return {}
+
+    def _local_values(self, entry: _ShardEntry, key: str) -> torch.Tensor:
+        return entry.master.detach() if key == "param" else self.optimizer.state[entry.master][key]
+
+    def gather_parameter_state(self) -> Optional[dict]:
+        """The full fp32 masters and optimizer state of this model-parallel rank, in unpadded parameter order;
+        a collective over the data-parallel group, returned on data-parallel rank 0 only (None elsewhere)."""
+        keys = self._sharded_state_keys()
+        buffers_state = []
+        for buffer in self._buffers():
+            pieces = {key: [] for key in keys}
+            for bucket in buffer.buckets:
+                shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+                for key in keys:
+                    shard = torch.zeros(shard_end - shard_start, dtype=torch.float32, device=bucket.grad_data.device)
+                    for entry in self.entries:
+                        if entry.bucket is bucket:
+                            local = entry.buffer_start - bucket.offset - shard_start
+                            shard[local : local + entry.master.numel()].copy_(self._local_values(entry, key))
+                    full = shard
+                    if _collective_size(self.data_parallel_group) > 1:
+                        full = self._all_gather(shard, bucket.grad_data.numel())
+                    for param in bucket.params:
+                        start, end, _ = buffer.param_index_map[param]
+                        pieces[key].append(full[start - bucket.offset : end - bucket.offset])
+            buffers_state.append({key: torch.cat(values) for key, values in pieces.items()})
+        if self.data_parallel_rank != 0:
+            return None
+        return {"version": PARAMETER_STATE_VERSION, "buffers": buffers_state, "scalars": self._scalar_state()}
+
+    def load_parameter_state(self, parameter_state: dict) -> None:
+        """Take this rank's slices of a `gather_parameter_state()` saved at any data-parallel size."""
+        buffers = list(self._buffers())
+        saved_buffers = parameter_state["buffers"]
+        if len(saved_buffers) != len(buffers):
+            raise ValueError(f"it holds {len(saved_buffers)} gradient buffers but this model has {len(buffers)}")
+        unpadded_offsets = {}
+        for buffer, saved in zip(buffers, saved_buffers):
+            offset = 0
+            for param in buffer.params:
+                unpadded_offsets[param] = offset
+                offset += param.numel()
+            if saved["param"].numel() != offset:
+                raise ValueError(f"a buffer holds {saved['param'].numel()} elements but this model's holds {offset}")
+        saved_of_buffer = {id(buffer): saved for buffer, saved in zip(buffers, saved_buffers)}
+        with torch.no_grad():
+            for entry in self.entries:
+                saved = saved_of_buffer[id(entry.buffer)]
+                start = unpadded_offsets[entry.model_param] + entry.param_start
+                end = start + entry.master.numel()
+                entry.master.copy_(saved["param"][start:end])
+                state = {key: value[start:end].clone() for key, value in saved.items() if key != "param"}
+                state.update({key: value.clone() if torch.is_tensor(value) else value for key, value in parameter_state["scalars"].items()})
+                if len(state) > 0:
+                    self.optimizer.state[entry.master] = state
+        self._all_gather_model_params()
