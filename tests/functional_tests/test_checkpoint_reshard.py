@@ -1,6 +1,7 @@
-"""A checkpoint saved by pretrain_gpt.py at a parallel layout (TP2) and re-sharded by tools/checkpoint/convert.py
-to TP1 x PP1 gives the same logits (each run by the model's own parallel layers at its layout), training continues
-from it with the same losses, and re-sharding back to the saved layout returns the saved tensors bit for bit."""
+"""A checkpoint saved by pretrain_gpt.py at a parallel layout (TP2 x PP2 for mcore, TP2 for legacy) and re-sharded
+by tools/checkpoint/convert.py to TP1 x PP1 gives the same logits (each run by the model's own parallel layers at its
+layout), training continues from it with the same losses, and re-sharding back to the saved layout returns the
+saved tensors bit for bit."""
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def _rank_directories(layout):
     ]
 
 
-@pytest.mark.parametrize("stack,layout", [("mcore", (2, 1)), ("legacy", (2, 1))])
+@pytest.mark.parametrize("stack,layout", [("mcore", (2, 2)), ("legacy", (2, 1))])
 def test_parallel_checkpoint_resharded_to_one_rank(tmp_path, stack, layout):
     data_path = gpt2_dataset(tmp_path)
     saved, single, back = tmp_path / "parallel", tmp_path / "single", tmp_path / "parallel_again"
