@@ -166,14 +166,9 @@ def validate_args(args, defaults=None):
     _check_device(args)
     _check_logging(args)
     _validate_model_args(args)
-    for area_check in (
-        "_validate_data_args",
-        "_validate_parallel_args",
-        "_validate_data_parallel_args",
-        "_validate_pipeline_args",
-    ):
-        if area_check in globals():
-            globals()[area_check](args)
+    _validate_data_args(args)
+    _validate_data_parallel_args(args)
+    _validate_pipeline_args(args)
     args.consumed_train_samples = 0
     args.skipped_train_samples = 0
     args.consumed_valid_samples = 0
