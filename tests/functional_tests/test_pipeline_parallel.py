@@ -77,7 +77,7 @@ LAYOUTS = {
     "pp2_interleaved": (
         "mcore", False, 2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], False
     ),
-    "tp2_pp2": ("mcore", False, 4, ["--pipeline-model-parallel-size", "2", *TP2], True),
+    "tp2_sp_pp2": ("mcore", False, 4, ["--pipeline-model-parallel-size", "2", *TP2, "--sequence-parallel"], True),
     "pp2_uneven": (
         "mcore", False, 2, ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"], False
     ),
