@@ -1009,8 +1009,8 @@ def _add_data_parallel_args(parser):
     group.add_argument(
         "--overlap-param-gather",
         action="store_true",
-        help="Overlap the distributed optimizer's parameter all-gather with the next forward pass (not "
-        "implemented here: refused with a message).",
+        help="Overlap the distributed optimizer's all-gather of updated weights with the next forward pass "
+        "(each bucket is waited for when a module first uses one of its weights).",
     )
     return parser
 
@@ -1026,11 +1026,6 @@ def _validate_data_parallel_args(args):
         not args.overlap_param_gather or args.use_distributed_optimizer,
         "--overlap-param-gather needs --use-distributed-optimizer (only the distributed optimizer gathers "
         "parameters)",
-    )
-    _require(
-        not args.overlap_param_gather,
-        "--overlap-param-gather is not implemented: the distributed optimizer all-gathers the updated weights "
-        "right after each step; drop the flag",
     )
 
 

@@ -219,6 +219,7 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     rng_state = None if args.no_save_rng else get_rng_state(args.data_parallel_random_init, args.device)
     checkpoint_name = get_checkpoint_name(args.save, iteration)
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
+    optimizer.finish_param_sync()
     # A collective over the data-parallel group: every rank contributes its optimizer shard.
     distributed_optimizer_state = (
         optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None

@@ -279,6 +279,7 @@ def _optimizer_config(args) -> OptimizerConfig:
         clip_grad=args.clip_grad,
         log_num_zeros_in_grad=args.log_num_zeros_in_grad,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
     )
 
 
@@ -441,6 +442,8 @@ def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_i
         batch_size = args.micro_batch_size * args.data_parallel_size * get_num_microbatches()
         args.consumed_train_samples += batch_size
         args.num_floating_point_operations_so_far += num_floating_point_operations(args, batch_size)
+        if args.log_params_norm:
+            optimizer.finish_param_sync()  # the norm reads the weights an overlapped gather may still hold back
         logger.log_iteration(
             iteration=iteration,
             loss_dict=loss_dict,

@@ -6,6 +6,11 @@ the averaged gradient of its slice only; it keeps fp32 masters and Adam moments 
 steps them, and all-gathers the updated weights back into every replica's parameters. Optimizer memory per
 rank therefore drops by the data-parallel size.
 
+With `overlap_param_gather` the all-gather of each bucket starts after the step but is only waited for when
+the next forward pass reaches a module that uses one of its weights (a forward pre-hook), so the gather of
+later buckets overlaps the forward computation of earlier layers. One gather is in flight at a time and they
+are issued in the same order on every rank (gloo may pair concurrently queued collectives differently).
+
 The checkpointed parameter state (`distrib_optim.pt`) is gathered on data-parallel rank 0 in the buffers'
 unpadded parameter order, so it does not depend on the data-parallel size it was saved at: loading at
 another size re-partitions it.
@@ -69,6 +74,14 @@ class DistributedOptimizer(MegatronOptimizer):
         for entry in self.entries:
             shard_groups[group_of_param[entry.model_param]]["params"].append(entry.master)
         super().__init__(build_optimizer(shard_groups), config, grad_stats_parallel_group)
+        self._gathers_pending: List[tuple] = []
+        """(buffer, bucket) still to gather after an overlapped step, in forward order."""
+        self._gather_in_flight = None
+        self._bucket_of_pending_param: Dict[torch.nn.Parameter, object] = {}
+        if config.overlap_param_gather:
+            for chunk in model_chunks:
+                for module in chunk.modules():
+                    module.register_forward_pre_hook(self._wait_for_weights_of, with_kwargs=True)
 
     def _buffers(self):
         for chunk in self.model_chunks:
@@ -106,6 +119,7 @@ class DistributedOptimizer(MegatronOptimizer):
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
 
     def step(self):
+        self.finish_param_sync()
         for entry in self.entries:
             size = entry.param_end - entry.param_start
             entry.master.grad = entry.buffer.grad_data[entry.buffer_start : entry.buffer_start + size].float()
@@ -117,36 +131,96 @@ class DistributedOptimizer(MegatronOptimizer):
             if found_inf:
                 return False, None, None
         grad_norm, num_zeros = self._clip_and_step()
-        self._all_gather_model_params()
+        if self.config.overlap_param_gather:
+            self._start_overlapped_param_gather()
+        else:
+            self._all_gather_model_params()
         return True, grad_norm, num_zeros
 
     def _all_gather_model_params(self) -> None:
         """Every replica receives every bucket's updated weights from the rank that owns each slice."""
-        entries_by_bucket: Dict[int, List[_ShardEntry]] = {}
-        for entry in self.entries:
-            entries_by_bucket.setdefault(id(entry.bucket), []).append(entry)
-        with torch.no_grad():
-            for buffer in self._buffers():
-                for bucket in buffer.buckets:
-                    dtype = bucket.params[0].dtype
-                    gathered = torch.zeros(bucket.grad_data.numel(), dtype=dtype, device=bucket.grad_data.device)
-                    shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
-                    for entry in entries_by_bucket.get(id(bucket), []):
-                        local = entry.buffer_start - bucket.offset
-                        gathered[local : local + entry.master.numel()].copy_(entry.master)
-                    if _collective_size(self.data_parallel_group) > 1:
-                        gathered = self._all_gather(gathered[shard_start:shard_end].clone(), bucket.grad_data.numel())
-                    for param in bucket.params:
-                        start, end, _ = buffer.param_index_map[param]
-                        param.view(-1).copy_(gathered[start - bucket.offset : end - bucket.offset])
+        for buffer in self._buffers():
+            for bucket in buffer.buckets:
+                gathered, _ = self._start_bucket_gather(bucket, async_op=False)
+                self._copy_gathered_weights(buffer, bucket, gathered)
 
-    def _all_gather(self, shard: torch.Tensor, total: int) -> torch.Tensor:
+    def _start_bucket_gather(self, bucket, async_op: bool):
+        """(the whole bucket's weights once the gather completes, the collective's handle or None)."""
+        shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+        shard = torch.zeros(shard_end - shard_start, dtype=bucket.params[0].dtype, device=bucket.grad_data.device)
+        with torch.no_grad():
+            for entry in self.entries:
+                if entry.bucket is bucket:
+                    local = entry.buffer_start - bucket.offset - shard_start
+                    shard[local : local + entry.master.numel()].copy_(entry.master)
+        if _collective_size(self.data_parallel_group) == 1:
+            return shard, None
+        if async_op:
+            return self._all_gather(shard, bucket.grad_data.numel(), async_op=True)
+        return self._all_gather(shard, bucket.grad_data.numel()), None
+
+    @staticmethod
+    def _copy_gathered_weights(buffer, bucket, gathered: torch.Tensor) -> None:
+        with torch.no_grad():
+            for param in bucket.params:
+                start, end, _ = buffer.param_index_map[param]
+                param.view(-1).copy_(gathered[start - bucket.offset : end - bucket.offset])
+
+    def _all_gather(self, shard: torch.Tensor, total: int, async_op: bool = False):
+        """(gathered, handle) when `async_op`, else the gathered tensor."""
         gathered = torch.empty(total, dtype=shard.dtype, device=shard.device)
-        dist.all_gather_single(gathered, shard, group=self.data_parallel_group)
-        return gathered
+        handle = dist.all_gather_single(gathered, shard, group=self.data_parallel_group, async_op=async_op)
+        return (gathered, handle) if async_op else gathered
+
+    def _start_overlapped_param_gather(self) -> None:
+        """Queue every bucket in forward order (the buffers hold parameters in reverse) and start the first."""
+        self._gathers_pending = [
+            (buffer, bucket) for buffer in self._buffers() for bucket in reversed(buffer.buckets)
+        ]
+        self._bucket_of_pending_param = {
+            param: bucket for _, bucket in self._gathers_pending for param in bucket.params
+        }
+        self._start_next_gather()
+
+    def _start_next_gather(self) -> None:
+        if self._gathers_pending:
+            buffer, bucket = self._gathers_pending[0]
+            self._gather_in_flight = (buffer, bucket, *self._start_bucket_gather(bucket, async_op=True))
+
+    def _finish_gathers_through(self, bucket) -> None:
+        """Complete the queued gathers in order up to and including `bucket`."""
+        while self._gathers_pending:
+            buffer, in_flight_bucket, gathered, handle = self._gather_in_flight
+            if handle is not None:
+                handle.wait()
+            self._copy_gathered_weights(buffer, in_flight_bucket, gathered)
+            for param in in_flight_bucket.params:
+                del self._bucket_of_pending_param[param]
+            self._gathers_pending.pop(0)
+            self._gather_in_flight = None
+            self._start_next_gather()
+            if in_flight_bucket is bucket:
+                return
+
+    def _wait_for_weights_of(self, module, args, kwargs) -> None:
+        """Forward pre-hook: the module's own weights, and any weight handed to it as an argument (a tied
+        output layer gets the embedding's), must be gathered before it runs."""
+        if not self._gathers_pending:
+            return
+        candidates = [*module.parameters(recurse=False), *args, *kwargs.values()]
+        for tensor in candidates:
+            bucket = self._bucket_of_pending_param.get(tensor) if isinstance(tensor, torch.nn.Parameter) else None
+            if bucket is not None:
+                self._finish_gathers_through(bucket)
+
+    def finish_param_sync(self) -> None:
+        """Complete any overlapped gather, e.g. before a checkpoint reads the weights."""
+        if self._gathers_pending:
+            self._finish_gathers_through(self._gathers_pending[-1][1])
 
     def reload_model_params(self) -> None:
         """Refresh the masters from freshly loaded model weights."""
+        self.finish_param_sync()
         with torch.no_grad():
             for entry in self.entries:
                 entry.master.copy_(entry.model_param.detach().view(-1)[entry.param_start : entry.param_end])
@@ -197,6 +271,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def gather_parameter_state(self) -> Optional[dict]:
         """The full fp32 masters and optimizer state of this model-parallel rank, in unpadded parameter order;
         a collective over the data-parallel group, returned on data-parallel rank 0 only (None elsewhere)."""
+        self.finish_param_sync()
         keys = self._sharded_state_keys()
         buffers_state = []
         for buffer in self._buffers():
@@ -222,6 +297,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def load_parameter_state(self, parameter_state: dict) -> None:
         """Take this rank's slices of a `gather_parameter_state()` saved at any data-parallel size."""
+        self.finish_param_sync()
         buffers = list(self._buffers())
         saved_buffers = parameter_state["buffers"]
         if len(saved_buffers) != len(buffers):

@@ -73,6 +73,9 @@ class MegatronOptimizer(ABC):
     def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
         """One update: (update_successful, grad_norm, num_zeros_in_grad)."""
 
+    def finish_param_sync(self) -> None:
+        """Make every model weight current; only an overlapped parameter gather can leave one stale."""
+
     @abstractmethod
     def reload_model_params(self) -> None:
         """Refresh any copies of the model weights after the model was loaded without optimizer state."""

@@ -32,6 +32,8 @@ class OptimizerConfig:
 
     use_distributed_optimizer: bool = False
     """Shard fp32 master weights and optimizer state over data-parallel ranks (DistributedOptimizer)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: gather updated weights during the next forward pass, bucket by bucket."""
 
     clip_grad: float = 1.0
     log_num_zeros_in_grad: bool = False
@@ -41,3 +43,5 @@ class OptimizerConfig:
             raise ValueError("OptimizerConfig: fp16 and bf16 are mutually exclusive")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"OptimizerConfig: unknown optimizer {self.optimizer!r}; choose adam or sgd")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("OptimizerConfig: overlap_param_gather needs use_distributed_optimizer")

@@ -15,7 +15,6 @@ BASE = (
     "extra, message",
     [
         ("--overlap-param-gather", "--overlap-param-gather needs --use-distributed-optimizer"),
-        ("--use-distributed-optimizer --overlap-param-gather", "--overlap-param-gather is not implemented"),
         ("--use-legacy-models --sequence-parallel --tensor-model-parallel-size 2", "mcore stack only"),
     ],
 )

@@ -118,3 +118,74 @@ def _state_moves_from_two_ranks_to_one(rank):
 
 def test_gathered_state_re_partitions_to_another_data_parallel_size(run_on_gloo):
     run_on_gloo(2, _state_moves_from_two_ranks_to_one)
+
+
+class _TiedHeadNet(torch.nn.Module):
+    """The last layer runs with a weight handed to it as an argument, owned by a module whose own forward
+    never runs (as a tied output layer is given the word embeddings on the last pipeline stage)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(6, 5)
+        self.second = torch.nn.Linear(5, 5)
+        self.weight_owner = torch.nn.Linear(5, 1, bias=False)
+        self.head = _Projection()
+
+    def forward(self, batch):
+        hidden = torch.tanh(self.second(torch.tanh(self.first(batch))))
+        return self.head(hidden, self.weight_owner.weight)
+
+
+class _Projection(torch.nn.Module):
+    def forward(self, hidden, weight):
+        return torch.nn.functional.linear(hidden, weight)
+
+
+def _overlapped_gather_matches_unsharded(rank):
+    """Updated weights arrive only when the next forward reaches them, yet every step's loss and the final
+    weights equal the unsharded run's."""
+    batches = _batches()
+
+    def train(model, optimizer, rows, check_deferred=False):
+        losses = []
+        for batch in batches:
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = model(batch[rows]).square().mean()
+            loss.backward()
+            losses.append(loss.item())
+            model.finish_grad_sync()
+            before = [param.detach().clone() for param in model.parameters()]
+            optimizer.step()
+            if check_deferred:
+                assert all(torch.equal(old, param) for old, param in zip(before, model.parameters()))
+        optimizer.finish_param_sync()
+        return losses
+
+    reference_net = _TiedHeadNet()
+    reference = _wrap(reference_net, None, use_distributed_optimizer=False)
+    reference_losses = train(reference, get_megatron_optimizer(OptimizerConfig(**OPTIMIZER), [reference]), slice(None))
+
+    net = _TiedHeadNet()
+    model = _wrap(net, parallel_state.get_data_parallel_group(), use_distributed_optimizer=True, bucket_size=5)
+    assert len(model.buffers[0].buckets) > 2
+    config = OptimizerConfig(**OPTIMIZER, use_distributed_optimizer=True, overlap_param_gather=True)
+    optimizer = get_megatron_optimizer(config, [model])
+    losses = train(model, optimizer, slice(rank * 4, (rank + 1) * 4), check_deferred=True)
+
+    # Each rank saw half of each batch: the mean of both halves' losses is the whole batch's loss.
+    averaged = torch.tensor(losses)
+    dist.all_reduce(averaged)
+    assert (averaged / 2).tolist() == pytest.approx(reference_losses, rel=1e-5)
+    for param, expected in zip(net.parameters(), reference_net.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_overlapped_parameter_gather_waits_for_each_weight_at_its_first_use(run_on_gloo):
+    run_on_gloo(2, _overlapped_gather_matches_unsharded)
+
+
+def test_overlapped_parameter_gather_needs_the_distributed_optimizer():
+    with pytest.raises(ValueError, match="overlap_param_gather needs use_distributed_optimizer"):
+        OptimizerConfig(overlap_param_gather=True)
