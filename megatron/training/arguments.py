@@ -1019,10 +1019,6 @@ def _validate_data_parallel_args(args):
     """Sequence-parallel and data-parallel optimizer flags, checked before any group forms. (Sequence
     parallel without TP and heads / query groups / FFN not divisible by TP are refused by the model config.)"""
     _require(
-        not (args.sequence_parallel and args.use_legacy_models),
-        "--sequence-parallel is implemented for the mcore stack only; drop it or use --use-mcore-models",
-    )
-    _require(
         not args.overlap_param_gather or args.use_distributed_optimizer,
         "--overlap-param-gather needs --use-distributed-optimizer (only the distributed optimizer gathers "
         "parameters)",

@@ -95,6 +95,7 @@ LAYOUTS = [
     ("mcore", 1, ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
     ("mcore", 1, ["--overlap-grad-reduce", "--ddp-bucket-size", 20000]),
     ("legacy", 2, []),
+    ("legacy", 2, ["--sequence-parallel"]),
     ("legacy", 1, []),
 ]
 
@@ -102,7 +103,7 @@ LAYOUTS = [
 @pytest.mark.parametrize(
     "stack, tensor_parallel, extra",
     LAYOUTS,
-    ids=["mcore-tp2", "mcore-tp2-sp", "mcore-dp2", "mcore-dp2-distopt", "mcore-dp2-distopt-overlap-grad-and-param", "mcore-dp2-overlap", "legacy-tp2", "legacy-dp2"],
+    ids=["mcore-tp2", "mcore-tp2-sp", "mcore-dp2", "mcore-dp2-distopt", "mcore-dp2-distopt-overlap-grad-and-param", "mcore-dp2-overlap", "legacy-tp2", "legacy-tp2-sp", "legacy-dp2"],
 )
 def test_two_ranks_match_the_single_process_run(data_path, single_process, tmp_path, stack, tensor_parallel, extra):
     """Two ranks: TP2 when tensor_parallel is 2, else DP2 (whose saved weights must also match)."""

@@ -15,7 +15,8 @@ BASE = (
     "extra, message",
     [
         ("--overlap-param-gather", "--overlap-param-gather needs --use-distributed-optimizer"),
-        ("--use-legacy-models --sequence-parallel --tensor-model-parallel-size 2", "mcore stack only"),
+        ("--sequence-parallel", "sequence_parallel shards along the sequence over tensor-parallel ranks"),
+        ("--use-legacy-models --sequence-parallel", "sequence_parallel shards along the sequence over tensor-parallel ranks"),
     ],
 )
 def test_inconsistent_flags_give_one_message(monkeypatch, extra, message):
