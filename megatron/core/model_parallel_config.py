@@ -32,10 +32,6 @@ class ModelParallelConfig:
 
     # Read by the pipeline schedules (set by the training loop).
     pipeline_dtype: Optional[torch.dtype] = None
-    variable_seq_lengths: bool = False
-    deallocate_pipeline_outputs: bool = False
-    batch_p2p_comm: bool = True
-    overlap_p2p_comm: bool = False
     grad_scale_func: Optional[Callable] = None
     no_sync_func: Optional[Callable] = None
     finalize_model_grads_func: Optional[Callable] = None

@@ -147,8 +147,6 @@ def core_transformer_config_from_args(args, config_class=TransformerConfig) -> T
     kwargs["virtual_pipeline_model_parallel_size"] = getattr(args, "virtual_pipeline_model_parallel_size", None)
     kwargs["num_layers_in_first_pipeline_stage"] = getattr(args, "decoder_first_pipeline_num_layers", None)
     kwargs["num_layers_in_last_pipeline_stage"] = getattr(args, "decoder_last_pipeline_num_layers", None)
-    kwargs["deallocate_pipeline_outputs"] = True
-    kwargs["batch_p2p_comm"] = not getattr(args, "overlap_p2p_comm", False)
     kwargs["attention_backend"] = _attention_backend(args)
     if args.swiglu:
         kwargs["activation_func"] = F.silu
