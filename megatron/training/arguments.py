@@ -374,12 +374,11 @@ def _check_recompute(args):
         args.recompute_method is not None and args.recompute_num_layers is not None,
         "--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N",
     )
+    # A count above a pipeline stage's layers (stages may be uneven) recomputes that whole stage.
     layers = getattr(args, "num_layers", None)
-    per_stage = layers // args.pipeline_model_parallel_size if layers else None
     _require(
-        args.recompute_num_layers > 0 and (per_stage is None or args.recompute_num_layers <= per_stage),
-        f"--recompute-num-layers {args.recompute_num_layers} must lie between 1 and the layers per pipeline "
-        f"stage ({per_stage})",
+        args.recompute_num_layers > 0 and (layers is None or args.recompute_num_layers <= layers),
+        f"--recompute-num-layers {args.recompute_num_layers} must lie between 1 and --num-layers ({layers})",
     )
 
 

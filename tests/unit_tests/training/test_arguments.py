@@ -100,6 +100,11 @@ def test_unknown_flag_suggests_nearest(capsys):
         (["--weight-decay-incr-style", "linear"], 1, "needs --start-weight-decay and --end-weight-decay"),
         (["--recompute-method", "uniform"], 1, "need --recompute-granularity full"),
         (["--recompute-granularity", "full"], 1, "needs --recompute-method uniform|block and --recompute-num-layers"),
+        (
+            ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "99"],
+            1,
+            "--recompute-num-layers 99 must lie between 1 and --num-layers",
+        ),
         (["--ckpt-step", "3"], 1, "--ckpt-step needs --load DIR"),
         (["--finetune"], 1, "--finetune needs --load DIR"),
         (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by --tensor-model-parallel-size 2"),
