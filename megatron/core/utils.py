@@ -3,6 +3,14 @@
 import math
 
 import torch
+import torch.distributed
+
+# torch 2.10 renamed the collectives whose output is one tensor and deprecated the old names; use whichever
+# this torch has, so older releases (torch.nn.RMSNorm needs 2.4) work and newer ones give no warnings.
+all_gather_single = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+reduce_scatter_single = (
+    getattr(torch.distributed, "reduce_scatter_single", None) or torch.distributed.reduce_scatter_tensor
+)
 
 
 def divide(numerator: int, denominator: int) -> int:

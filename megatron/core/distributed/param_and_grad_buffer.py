@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+from megatron.core.utils import reduce_scatter_single
 
 
 class _ParamAndGradBucket:
@@ -119,7 +120,7 @@ class _ParamAndGradBuffer:
         if self.ddp_config.use_distributed_optimizer:
             # A separate output: the input must stay intact while an asynchronous collective reads it.
             bucket.scattered = torch.empty(bucket.shard_size, dtype=bucket.grad_data.dtype, device=bucket.grad_data.device)
-            bucket.communication_handle = dist.reduce_scatter_single(
+            bucket.communication_handle = reduce_scatter_single(
                 bucket.scattered, bucket.grad_data, op=op, group=self.data_parallel_group, async_op=async_op
             )
         else:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import MegatronOptimizer, unscale_and_check_for_inf
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
+from megatron.core.utils import all_gather_single
 
 _MASTER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "shared", "sequence_parallel")
 PARAMETER_STATE_VERSION = 1
@@ -169,7 +170,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def _all_gather(self, shard: torch.Tensor, total: int, async_op: bool = False):
         """(gathered, handle) when `async_op`, else the gathered tensor."""
         gathered = torch.empty(total, dtype=shard.dtype, device=shard.device)
-        handle = dist.all_gather_single(gathered, shard, group=self.data_parallel_group, async_op=async_op)
+        handle = all_gather_single(gathered, shard, group=self.data_parallel_group, async_op=async_op)
         return (gathered, handle) if async_op else gathered
 
     def _start_overlapped_param_gather(self) -> None:

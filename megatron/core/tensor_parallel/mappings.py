@@ -8,6 +8,7 @@ all-gather <-> reduce-scatter), so gradients come out right on every rank. With 
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.utils import all_gather_single, reduce_scatter_single
 
 
 def _group_or_default(group):
@@ -63,7 +64,7 @@ def _gather_along_first_dim(input_, group):
         return input_
     shape = (world_size * input_.size(0),) + tuple(input_.shape[1:])
     output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
-    torch.distributed.all_gather_into_tensor(output, input_.contiguous(), group=_group_or_default(group))
+    all_gather_single(output, input_.contiguous(), group=_group_or_default(group))
     return output
 
 
@@ -77,7 +78,7 @@ def _reduce_scatter_along_first_dim(input_, group):
         )
     shape = (input_.size(0) // world_size,) + tuple(input_.shape[1:])
     output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
-    torch.distributed.reduce_scatter_tensor(output, input_.contiguous(), group=_group_or_default(group))
+    reduce_scatter_single(output, input_.contiguous(), group=_group_or_default(group))
     return output
 
 
