@@ -1,6 +1,6 @@
 """The *_tiny_cpu.sh example scripts run end to end as a user runs them (2 processes under torchrun, gloo),
 for every model and both stacks, with a short iteration count; they save a checkpoint that resumes. Their
-TP=2 layout trains like their default (data-parallel) layout."""
+TP=2 and PP=2 layouts train like their default (data-parallel) layout."""
 
 import os
 import subprocess
@@ -66,12 +66,13 @@ def test_tiny_cpu_example_trains_saves_and_resumes(data_dir, tmp_path, model, st
 
 
 @pytest.mark.parametrize("stack", ["mcore", "legacy"])
-def test_tiny_cpu_example_tensor_parallel_layout_trains_like_data_parallel(data_dir, tmp_path, stack):
-    # llama2's 32000-piece vocabulary needs no padding at TP=2, so both layouts build the same model.
+def test_tiny_cpu_example_parallel_layouts_train_like_data_parallel(data_dir, tmp_path, stack):
+    # llama2's 32000-piece vocabulary needs no padding at TP=2, so every layout builds the same model.
     data_parallel = _run_script("llama2", stack, data_dir, tmp_path / "dp", train_iters=3)
-    tensor_parallel = _run_script("llama2", stack, data_dir, tmp_path / "tp", train_iters=3, TP="2")
-    for run in (data_parallel, tensor_parallel):
+    assert data_parallel.returncode == 0, data_parallel.stdout[-3000:] + data_parallel.stderr[-3000:]
+    expected = lm_losses(data_parallel.stdout)
+    assert sorted(expected) == [1, 2, 3]
+    for name, layout in (("tp", {"TP": "2"}), ("pp", {"PP": "2"})):
+        run = _run_script("llama2", stack, data_dir, tmp_path / name, train_iters=3, **layout)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    expected, actual = lm_losses(data_parallel.stdout), lm_losses(tensor_parallel.stdout)
-    assert sorted(actual) == [1, 2, 3]
-    assert actual == pytest.approx(expected, rel=1e-5)
+        assert lm_losses(run.stdout) == pytest.approx(expected, rel=1e-5), name
