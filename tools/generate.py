@@ -20,7 +20,6 @@ import torch  # noqa: E402
 
 from gpt_builders import gpt_builder  # noqa: E402
 from megatron.core.inference_params import InferenceParams  # noqa: E402
-from megatron.core.transformer.module import StateDictMismatchError  # noqa: E402
 from megatron.training.arguments import (  # noqa: E402
     add_model_regularization_args,
     add_model_stack_args,
@@ -32,15 +31,15 @@ from megatron.training.model_config import (  # noqa: E402
     core_transformer_config_from_args,
     validate_model_args,
 )
-from megatron.training.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
+from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from tools.checkpoint.checkpoint_files import fit_vocabulary, read_megatron_checkpoint, relayout_args  # noqa: E402
-from tools.checkpoint.hf_families import ConversionError  # noqa: E402
-from tools.checkpoint.model_layout import LayoutError, mcore_to_legacy_names  # noqa: E402
+from tools.checkpoint.model_layout import mcore_to_legacy_names  # noqa: E402
+from megatron.core.errors import UserError  # noqa: E402
 
 _MODEL_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, add_tokenizer_args)
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """Bad generation flags; printed as one line."""
 
 
@@ -221,7 +220,7 @@ def run(argv=None) -> None:
 def main(argv=None) -> int:
     try:
         run(argv if argv is not None else sys.argv[1:])
-    except (GenerationError, ConversionError, LayoutError, StateDictMismatchError, TokenizerError) as error:
+    except UserError as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 1
     return 0

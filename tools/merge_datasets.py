@@ -6,7 +6,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.core.datasets.indexed_dataset import IndexedDatasetError, merge_datasets  # noqa: E402
+from megatron.core.datasets.indexed_dataset import merge_datasets  # noqa: E402
+from megatron.core.errors import UserError  # noqa: E402
 
 
 def dataset_prefixes(directory: str):
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         return 1
     try:
         merge_datasets(prefixes, args.output_prefix)
-    except IndexedDatasetError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"merged {len(prefixes)} datasets into {args.output_prefix}.bin/.idx")

@@ -26,7 +26,8 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
     merge_datasets,
 )
 from megatron.training.arguments import add_tokenizer_args  # noqa: E402
-from megatron.training.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
+from megatron.training.tokenizer import build_tokenizer  # noqa: E402
+from megatron.core.errors import UserError  # noqa: E402
 
 # Megatron-LM hands text to the sentence splitter in slices of this many characters; without sentence
 # splitting each slice becomes its own sequence, which the byte-identical output must reproduce.
@@ -34,7 +35,7 @@ _TEXT_SLICE_CHARS = 1_000_000
 _INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
 
 
-class PreprocessError(Exception):
+class PreprocessError(UserError):
     """Bad input or flags: printed as one line, exit status 1, no output left behind."""
 
 
@@ -412,7 +413,7 @@ def main(argv=None) -> int:
             progress = encode_range(args, paths, 0, None, prefixes, args.workers, "")
         else:
             progress = encode_partitioned(args, paths)
-    except (PreprocessError, TokenizerError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for skipped in progress.skipped:

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from megatron.core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration field that is out of range or inconsistent with another; the message names both."""
 
 

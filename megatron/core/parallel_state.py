@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import List, Optional
 
 import torch
+from megatron.core.errors import UserError
 
 _TENSOR_MODEL_PARALLEL_GROUP = None
 _PIPELINE_MODEL_PARALLEL_GROUP = None
@@ -28,7 +29,7 @@ _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK: Optional[int] = None
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE: Optional[int] = None
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(UserError, ValueError):
     """A tensor/pipeline/data layout that cannot be formed from the launched processes."""
 
 

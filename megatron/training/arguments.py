@@ -10,9 +10,10 @@ import sys
 
 import torch
 import yaml
+from megatron.core.errors import UserError
 
 
-class ArgumentsError(ValueError):
+class ArgumentsError(UserError, ValueError):
     """An inconsistent or impossible combination of flags; the message says which flags and how to fix it."""
 
 

@@ -19,13 +19,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.training.arguments import build_parser
 from megatron.training.global_vars import get_args
 from megatron.training.utils import print_rank_0, unwrap_model
+from megatron.core.errors import UserError
 
 CHECKPOINT_BASENAME = "model_optim_rng.pt"
 DISTRIBUTED_OPTIMIZER_BASENAME = "distrib_optim.pt"
 TRACKER_BASENAME = "latest_checkpointed_iteration.txt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be saved or loaded; the message names the file and the fix."""
 
 

@@ -23,14 +23,10 @@ from megatron.core.num_microbatches_calculator import (
     get_num_microbatches,
     update_num_microbatches,
 )
-from megatron.core.datasets.indexed_dataset import IndexedDatasetError
-from megatron.core.datasets.utils import DatasetError
-from megatron.core.model_parallel_config import ConfigError
+from megatron.core.errors import UserError
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.parallel_state import ParallelLayoutError
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.training.arguments import ArgumentsError
-from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.global_vars import (
     destroy_global_vars,
@@ -40,9 +36,7 @@ from megatron.training.global_vars import (
     get_wandb_writer,
 )
 from megatron.training.initialize import initialize_megatron
-from megatron.training.model_config import ModelArgumentsError
 from megatron.training.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.training.tokenizer import TokenizerError
 from megatron.training.training_log import TrainingLogger, build_logging_writers, print_args
 from megatron.training.utils import (
     TrainingError,
@@ -55,20 +49,6 @@ from megatron.training.utils import (
 )
 
 _TRAIN_START_TIME = time.time()
-
-
-# Exceptions that mean bad input rather than a bug: reported as one line, without a traceback.
-USER_ERRORS = (
-    ArgumentsError,
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    IndexedDatasetError,
-    ModelArgumentsError,
-    ParallelLayoutError,
-    TokenizerError,
-    TrainingError,
-)
 
 
 def pretrain(
@@ -87,7 +67,7 @@ def pretrain(
     """
     try:
         _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func, extra_args_provider, args_defaults, args_list)
-    except USER_ERRORS as error:
+    except UserError as error:
         print_error(str(error))
         sys.exit(1)
     finally:

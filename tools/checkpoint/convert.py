@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from gpt_builders import gpt_builder  # noqa: E402
-from megatron.core.transformer.module import StateDictMismatchError, check_state_dict_fits  # noqa: E402
+from megatron.core.errors import UserError  # noqa: E402
+from megatron.core.transformer.module import check_state_dict_fits  # noqa: E402
 from megatron.training.model_config import core_transformer_config_from_args  # noqa: E402
 from tools.checkpoint.checkpoint_files import (  # noqa: E402
     fit_vocabulary,
@@ -33,7 +34,6 @@ from tools.checkpoint.checkpoint_files import (  # noqa: E402
     write_megatron_checkpoint,
 )
 from tools.checkpoint.hf_families import FAMILIES, ConversionError, family_for  # noqa: E402
-from tools.checkpoint.model_layout import LayoutError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     options = build_parser().parse_args(argv)
     try:
         convert(options)
-    except (ConversionError, LayoutError, StateDictMismatchError) as error:
+    except UserError as error:
         print(f"convert.py: error: {error}", file=sys.stderr)
         return 1
     print(f"converted {options.load_dir} ({options.load_model_type}) -> {options.save_dir} ({options.save_model_type})")

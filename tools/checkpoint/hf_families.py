@@ -9,11 +9,12 @@ import inspect
 from typing import Dict, List
 
 import torch
+from megatron.core.errors import UserError
 
 StateDict = Dict[str, torch.Tensor]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A model the converter cannot represent exactly, or files that do not form one; the message says which."""
 
 

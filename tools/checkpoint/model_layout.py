@@ -11,6 +11,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from megatron.core.transformer.pipeline_layout import layer_offset_and_count
+from megatron.core.errors import UserError
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -34,7 +35,7 @@ _MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LEGACY_LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(.+)$")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """Tensors that do not form a complete model of the expected layout."""
 
 

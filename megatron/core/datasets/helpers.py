@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import numpy
+from megatron.core.errors import UserError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MODULE = "megatron.core.datasets.helpers_cpp"
@@ -30,7 +31,7 @@ _LOCK = _BUILD_STATE + ".lock"
 _FAILURE_RECORD = _BUILD_STATE + ".failed"
 
 
-class HelpersBuildError(RuntimeError):
+class HelpersBuildError(UserError, RuntimeError):
     """The compiled helper is missing and could not be built here."""
 
 

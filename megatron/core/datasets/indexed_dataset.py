@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import List, Optional, Sequence, Union
 
 import numpy
+from megatron.core.errors import UserError
 
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_VERSION = 1
@@ -54,7 +55,7 @@ def get_idx_path(path_prefix: str) -> str:
     return path_prefix + ".idx"
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UserError, ValueError):
     """A dataset file that is missing, truncated or not in the Megatron format."""
 
 

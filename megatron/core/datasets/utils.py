@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy
 import torch
+from megatron.core.errors import UserError
 
 Blend = Tuple[List[str], Optional[List[float]]]
 
@@ -17,7 +18,7 @@ class Split(Enum):
     test = 2
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad dataset input (a blend, a split, a size, a cache folder); the message says what and how to fix it."""
 
 

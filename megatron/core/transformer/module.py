@@ -5,9 +5,10 @@ from typing import List
 import torch
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.errors import UserError
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(UserError, ValueError):
     """A checkpoint's tensors do not fit the model built from the flags."""
 
 

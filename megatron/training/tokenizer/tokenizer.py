@@ -9,11 +9,12 @@ import json
 import os
 from abc import ABC, abstractmethod
 from typing import Dict, List, Sequence
+from megatron.core.errors import UserError
 
 NO_TOKEN = -1
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be built from the given flags or files."""
 
 
