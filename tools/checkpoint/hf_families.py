@@ -6,7 +6,8 @@ gpt2 -> GPT2LMHeadModel (Conv1D weights stored transposed, fused c_attn).
 """
 
 import inspect
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 from megatron.core.errors import UserError
@@ -30,7 +31,7 @@ def split_query_key_value(fused: torch.Tensor, groups: int, heads_per_group: int
     rest = fused.shape[1:]
     grouped = fused.reshape(groups, (heads_per_group + 2) * head_dim, *rest)
     query, key, value = torch.split(grouped, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
-    return (tensor.reshape(-1, *rest).contiguous() for tensor in (query, key, value))
+    return tuple(tensor.reshape(-1, *rest).contiguous() for tensor in (query, key, value))
 
 
 def pad_vocabulary(tensor: torch.Tensor, padded_size: int) -> torch.Tensor:
@@ -39,6 +40,161 @@ def pad_vocabulary(tensor: torch.Tensor, padded_size: int) -> torch.Tensor:
     if extra <= 0:
         return tensor
     return torch.cat([tensor, tensor[-1:].expand(extra, -1)], dim=0)
+
+
+# ---- Paired transforms: each maps the Hugging Face tensors of one entry to one Megatron tensor and back.
+
+
+class Same:
+    """One Hugging Face tensor stored unchanged."""
+
+    def to_mcore(self, tensors, args) -> torch.Tensor:
+        return tensors[0]
+
+    def from_mcore(self, tensor, args) -> Tuple[torch.Tensor, ...]:
+        return (tensor,)
+
+
+class VocabularyRows:
+    """Embedding / output rows: padded to the padded vocabulary on the way in, cropped on the way out."""
+
+    def to_mcore(self, tensors, args) -> torch.Tensor:
+        return pad_vocabulary(tensors[0], args.padded_vocab_size)
+
+    def from_mcore(self, tensor, args) -> Tuple[torch.Tensor, ...]:
+        return (tensor[: args.true_vocab_size],)
+
+
+class GroupedQueryKeyValue:
+    """Separate q, k, v projections <-> Megatron's fused QKV, interleaved by query group."""
+
+    def to_mcore(self, tensors, args) -> torch.Tensor:
+        return fuse_query_key_value(*tensors, args.num_query_groups)
+
+    def from_mcore(self, tensor, args) -> Tuple[torch.Tensor, ...]:
+        heads_per_group = args.num_attention_heads // args.num_query_groups
+        return split_query_key_value(tensor, args.num_query_groups, heads_per_group, args.kv_channels)
+
+
+class PackedQueryKeyValue:
+    """One [q; k; v] tensor (GPT-2's c_attn, no grouped-query attention) <-> Megatron's per-head fused QKV."""
+
+    def to_mcore(self, tensors, args) -> torch.Tensor:
+        return fuse_query_key_value(*tensors[0].chunk(3, dim=0), args.num_attention_heads)
+
+    def from_mcore(self, tensor, args) -> Tuple[torch.Tensor, ...]:
+        parts = split_query_key_value(tensor, args.num_attention_heads, 1, args.kv_channels)
+        return (torch.cat(parts, dim=0),)
+
+
+class GateUp:
+    """SwiGLU's gate and up projections <-> Megatron's fc1, which stacks them [gate; up]."""
+
+    def to_mcore(self, tensors, args) -> torch.Tensor:
+        return torch.cat(tensors, dim=0)
+
+    def from_mcore(self, tensor, args) -> Tuple[torch.Tensor, ...]:
+        return tuple(part.contiguous() for part in torch.chunk(tensor, 2, dim=0))
+
+
+class Transposed:
+    """A weight Hugging Face stores [in, out] (GPT-2's Conv1D), around another transform."""
+
+    def __init__(self, inner=None):
+        self.inner = inner or Same()
+
+    def to_mcore(self, tensors, args) -> torch.Tensor:
+        return self.inner.to_mcore([tensor.t() for tensor in tensors], args).contiguous()
+
+    def from_mcore(self, tensor, args) -> Tuple[torch.Tensor, ...]:
+        return tuple(part.t().contiguous() for part in self.inner.from_mcore(tensor, args))
+
+
+def _always(args) -> bool:
+    return True
+
+
+def _weight_only(args) -> Tuple[str, ...]:
+    return ("weight",)
+
+
+def _linear_parameters(args) -> Tuple[str, ...]:
+    """A linear layer's parameters: the bias too unless --disable-bias-linear."""
+    return ("weight", "bias") if args.add_bias_linear else ("weight",)
+
+
+def _weight_and_bias(args) -> Tuple[str, ...]:
+    return ("weight", "bias")
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One row of a family's table: a Megatron (mcore, TP=1) tensor, the Hugging Face tensor(s) it is made of,
+    and the paired transform between them. Names may hold `{p}`, filled with each of `parameters(args)`
+    ("weight", "bias"); rows whose `when(args)` is false are absent from the model."""
+
+    megatron: str
+    hf: Union[str, Tuple[str, ...]]
+    transform: object = Same()
+    parameters: Callable = _weight_only
+    when: Callable = _always
+
+    def expand(self, args, megatron_prefix: str = "", hf_prefix: str = ""):
+        """(megatron name, hf names, transform) for each parameter this row covers under `args`."""
+        if not self.when(args):
+            return
+        hf_names = (self.hf,) if isinstance(self.hf, str) else self.hf
+        for parameter in self.parameters(args):
+            yield (
+                megatron_prefix + self.megatron.format(p=parameter),
+                tuple(hf_prefix + name.format(p=parameter) for name in hf_names),
+                self.transform,
+            )
+
+
+class HFTable:
+    """A family's tensors as one declarative table: rows before the layers, rows of every layer, rows after.
+    Both directions are read from the same table, so they cannot disagree."""
+
+    def __init__(self, hf_prefix: str, hf_layer: str, head, layer, tail, tied_copies=(), ignorable=()):
+        self.hf_prefix = hf_prefix  # every Hugging Face name but the tied copies starts with it
+        self.hf_layer = hf_layer  # e.g. "model.layers.{layer}."
+        self.head, self.layer, self.tail = head, layer, tail
+        self.tied_copies = tied_copies  # names a tied model may also store, as a copy of another tensor
+        self.ignorable = ignorable  # parts of the names of buffers that hold no weights
+
+    def entries(self, args):
+        """Every (megatron name, hf names, transform) of the model `args` describes, in model order."""
+        for row in self.head:
+            yield from row.expand(args)
+        for index in range(args.num_layers):
+            for row in self.layer:
+                yield from row.expand(args, f"decoder.layers.{index}.", self.hf_layer.format(layer=index))
+        for row in self.tail:
+            yield from row.expand(args)
+
+    def _canonical(self, name: str) -> str:
+        """Hugging Face names with the base model's prefix, whether or not the file stored it."""
+        if name.startswith(self.hf_prefix) or name in self.tied_copies:
+            return name
+        return self.hf_prefix + name
+
+    def to_mcore(self, hf_state: StateDict, args) -> StateDict:
+        hf_state = {self._canonical(name): tensor for name, tensor in hf_state.items()}
+        state = {
+            megatron: transform.to_mcore([_take(hf_state, name) for name in hf_names], args)
+            for megatron, hf_names, transform in self.entries(args)
+        }
+        for name in self.tied_copies:
+            hf_state.pop(name, None)
+        _check_all_used(hf_state, self.ignorable)
+        return state
+
+    def from_mcore(self, state: StateDict, args) -> StateDict:
+        hf = {}
+        for megatron, hf_names, transform in self.entries(args):
+            hf.update(zip(hf_names, transform.from_mcore(state[megatron], args)))
+        return hf
 
 
 def _take(hf_state: StateDict, name: str) -> torch.Tensor:
@@ -64,12 +220,86 @@ def _rope_settings(config: dict) -> dict:
     return parameters
 
 
-class LlamaFamily:
+def _untied(args) -> bool:
+    return args.untie_embeddings_and_output_weights
+
+
+def _qk_layernorm(args) -> bool:
+    return args.qk_layernorm
+
+
+LLAMA_TABLE = HFTable(
+    hf_prefix="model.",
+    hf_layer="model.layers.{layer}.",
+    head=(TensorMap("embedding.word_embeddings.weight", "model.embed_tokens.weight", VocabularyRows()),),
+    layer=(
+        TensorMap("input_layernorm.weight", "input_layernorm.weight"),
+        TensorMap(
+            "self_attention.linear_qkv.{p}",
+            ("self_attn.q_proj.{p}", "self_attn.k_proj.{p}", "self_attn.v_proj.{p}"),
+            GroupedQueryKeyValue(),
+            _linear_parameters,
+        ),
+        TensorMap("self_attention.linear_proj.{p}", "self_attn.o_proj.{p}", parameters=_linear_parameters),
+        TensorMap("mlp.linear_fc1.{p}", ("mlp.gate_proj.{p}", "mlp.up_proj.{p}"), GateUp(), _linear_parameters),
+        TensorMap("mlp.linear_fc2.{p}", "mlp.down_proj.{p}", parameters=_linear_parameters),
+        TensorMap("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", when=_qk_layernorm),
+        TensorMap("self_attention.k_layernorm.weight", "self_attn.k_norm.weight", when=_qk_layernorm),
+        TensorMap("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+    ),
+    tail=(
+        TensorMap("decoder.final_layernorm.weight", "model.norm.weight"),
+        TensorMap("output_layer.weight", "lm_head.weight", VocabularyRows(), when=_untied),
+    ),
+    tied_copies=("lm_head.weight",),
+    ignorable=("rotary_emb.inv_freq",),
+)
+
+GPT2_TABLE = HFTable(
+    hf_prefix="transformer.",
+    hf_layer="transformer.h.{layer}.",
+    head=(
+        TensorMap("embedding.word_embeddings.weight", "transformer.wte.weight", VocabularyRows()),
+        TensorMap("embedding.position_embeddings.weight", "transformer.wpe.weight"),
+    ),
+    layer=(
+        TensorMap("input_layernorm.{p}", "ln_1.{p}", parameters=_weight_and_bias),
+        TensorMap("pre_mlp_layernorm.{p}", "ln_2.{p}", parameters=_weight_and_bias),
+        TensorMap("self_attention.linear_qkv.weight", "attn.c_attn.weight", Transposed(PackedQueryKeyValue())),
+        TensorMap("self_attention.linear_qkv.bias", "attn.c_attn.bias", PackedQueryKeyValue()),
+        TensorMap("self_attention.linear_proj.weight", "attn.c_proj.weight", Transposed()),
+        TensorMap("self_attention.linear_proj.bias", "attn.c_proj.bias"),
+        TensorMap("mlp.linear_fc1.weight", "mlp.c_fc.weight", Transposed()),
+        TensorMap("mlp.linear_fc1.bias", "mlp.c_fc.bias"),
+        TensorMap("mlp.linear_fc2.weight", "mlp.c_proj.weight", Transposed()),
+        TensorMap("mlp.linear_fc2.bias", "mlp.c_proj.bias"),
+    ),
+    tail=(TensorMap("decoder.final_layernorm.{p}", "transformer.ln_f.{p}", parameters=_weight_and_bias),),
+    tied_copies=("lm_head.weight",),
+    ignorable=("attn.bias", "attn.masked_bias"),
+)
+
+
+class HFFamily:
+    """A Hugging Face family is a table of its tensors plus a translator of its config (`flags` from
+    config.json, `check_args` / `hf_config` back); subclasses give both."""
+
+    table: HFTable
+
+    def to_mcore(self, hf_state: StateDict, args) -> StateDict:
+        return self.table.to_mcore(hf_state, args)
+
+    def from_mcore(self, state: StateDict, args) -> StateDict:
+        return self.table.from_mcore(state, args)
+
+
+class LlamaFamily(HFFamily):
     """LlamaForCausalLM: RMSNorm, SwiGLU, RoPE (optionally Llama 3.1-scaled), GQA, no biases."""
 
     model_types = ("llama",)
     architecture = "LlamaForCausalLM"
     qk_layernorm = False
+    table = LLAMA_TABLE
 
     def check_config(self, config: dict) -> None:
         if config.get("hidden_act", "silu") != "silu":
@@ -135,58 +365,6 @@ class LlamaFamily:
         elif rope["rope_type"] != "default":
             raise ConversionError(f"RoPE type {rope['rope_type']!r} is not supported (default, linear, llama3)")
         return flags
-
-    def to_mcore(self, hf_state: StateDict, args) -> StateDict:
-        hf_state = {name.removeprefix("model."): tensor for name, tensor in hf_state.items()}
-        embeddings = pad_vocabulary(_take(hf_state, "embed_tokens.weight"), args.padded_vocab_size)
-        state = {"embedding.word_embeddings.weight": embeddings}
-        for layer in range(args.num_layers):
-            hf, mg = f"layers.{layer}.", f"decoder.layers.{layer}."
-            state[mg + "input_layernorm.weight"] = _take(hf_state, hf + "input_layernorm.weight")
-            for suffix in ("weight", "bias") if args.add_bias_linear else ("weight",):
-                q, k, v = (_take(hf_state, f"{hf}self_attn.{p}_proj.{suffix}") for p in "qkv")
-                state[f"{mg}self_attention.linear_qkv.{suffix}"] = fuse_query_key_value(q, k, v, args.num_query_groups)
-                state[f"{mg}self_attention.linear_proj.{suffix}"] = _take(hf_state, f"{hf}self_attn.o_proj.{suffix}")
-                gate = _take(hf_state, f"{hf}mlp.gate_proj.{suffix}")
-                up = _take(hf_state, f"{hf}mlp.up_proj.{suffix}")
-                state[f"{mg}mlp.linear_fc1.{suffix}"] = torch.cat([gate, up], dim=0)
-                state[f"{mg}mlp.linear_fc2.{suffix}"] = _take(hf_state, f"{hf}mlp.down_proj.{suffix}")
-            if self.qk_layernorm:
-                state[mg + "self_attention.q_layernorm.weight"] = _take(hf_state, hf + "self_attn.q_norm.weight")
-                state[mg + "self_attention.k_layernorm.weight"] = _take(hf_state, hf + "self_attn.k_norm.weight")
-            state[mg + "pre_mlp_layernorm.weight"] = _take(hf_state, hf + "post_attention_layernorm.weight")
-        state["decoder.final_layernorm.weight"] = _take(hf_state, "norm.weight")
-        if args.untie_embeddings_and_output_weights:
-            state["output_layer.weight"] = pad_vocabulary(_take(hf_state, "lm_head.weight"), args.padded_vocab_size)
-        else:
-            hf_state.pop("lm_head.weight", None)
-        _check_all_used(hf_state, ignorable=("rotary_emb.inv_freq",))
-        return state
-
-    def from_mcore(self, state: StateDict, args) -> StateDict:
-        vocab = args.true_vocab_size
-        hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab]}
-        heads_per_group = args.num_attention_heads // args.num_query_groups
-        for layer in range(args.num_layers):
-            h, mg = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-            hf[h + "input_layernorm.weight"] = state[mg + "input_layernorm.weight"]
-            for suffix in ("weight", "bias") if args.add_bias_linear else ("weight",):
-                fused = state[f"{mg}self_attention.linear_qkv.{suffix}"]
-                q, k, v = split_query_key_value(fused, args.num_query_groups, heads_per_group, args.kv_channels)
-                hf[f"{h}self_attn.q_proj.{suffix}"], hf[f"{h}self_attn.k_proj.{suffix}"] = q, k
-                hf[f"{h}self_attn.v_proj.{suffix}"] = v
-                hf[f"{h}self_attn.o_proj.{suffix}"] = state[f"{mg}self_attention.linear_proj.{suffix}"]
-                gate, up = torch.chunk(state[f"{mg}mlp.linear_fc1.{suffix}"], 2, dim=0)
-                hf[f"{h}mlp.gate_proj.{suffix}"], hf[f"{h}mlp.up_proj.{suffix}"] = gate.contiguous(), up.contiguous()
-                hf[f"{h}mlp.down_proj.{suffix}"] = state[f"{mg}mlp.linear_fc2.{suffix}"]
-            if self.qk_layernorm:
-                hf[h + "self_attn.q_norm.weight"] = state[mg + "self_attention.q_layernorm.weight"]
-                hf[h + "self_attn.k_norm.weight"] = state[mg + "self_attention.k_layernorm.weight"]
-            hf[h + "post_attention_layernorm.weight"] = state[mg + "pre_mlp_layernorm.weight"]
-        hf["model.norm.weight"] = state["decoder.final_layernorm.weight"]
-        if args.untie_embeddings_and_output_weights:
-            hf["lm_head.weight"] = state["output_layer.weight"][:vocab]
-        return hf
 
     def check_args(self, args) -> None:
         """The Megatron model must be one this family can express."""
@@ -282,11 +460,12 @@ def _require_args(args, wanted: dict, architecture: str) -> None:
             )
 
 
-class GPT2Family:
+class GPT2Family(HFFamily):
     """GPT2LMHeadModel: LayerNorm, GeLU, learned positions, biases, tied embeddings."""
 
     model_types = ("gpt2",)
     architecture = "GPT2LMHeadModel"
+    table = GPT2_TABLE
     _ACTIVATION_FLAGS = {"gelu_new": [], "gelu_pytorch_tanh": [], "gelu": ["--no-bias-gelu-fusion"]}
 
     def flags(self, config: dict) -> List[str]:
@@ -311,61 +490,6 @@ class GPT2Family:
             "--attention-dropout", config.get("attn_pdrop", 0.1),
         ]
         return [str(flag) for flag in flags + self._ACTIVATION_FLAGS[activation]]
-
-    def to_mcore(self, hf_state: StateDict, args) -> StateDict:
-        hf_state = {name.removeprefix("transformer."): tensor for name, tensor in hf_state.items()}
-        heads = args.num_attention_heads
-        state = {
-            "embedding.word_embeddings.weight": pad_vocabulary(_take(hf_state, "wte.weight"), args.padded_vocab_size),
-            "embedding.position_embeddings.weight": _take(hf_state, "wpe.weight"),
-        }
-        for layer in range(args.num_layers):
-            hf, mg = f"h.{layer}.", f"decoder.layers.{layer}."
-            for suffix in ("weight", "bias"):
-                state[f"{mg}input_layernorm.{suffix}"] = _take(hf_state, f"{hf}ln_1.{suffix}")
-                state[f"{mg}pre_mlp_layernorm.{suffix}"] = _take(hf_state, f"{hf}ln_2.{suffix}")
-            # Conv1D stores [in, out]; c_attn's outputs are [q; k; v], each one slice per head.
-            qkv_weight = _take(hf_state, hf + "attn.c_attn.weight").t()
-            qkv_bias = _take(hf_state, hf + "attn.c_attn.bias")
-            state[mg + "self_attention.linear_qkv.weight"] = fuse_query_key_value(*qkv_weight.chunk(3, dim=0), heads)
-            state[mg + "self_attention.linear_qkv.bias"] = fuse_query_key_value(*qkv_bias.chunk(3, dim=0), heads)
-            projection = _take(hf_state, hf + "attn.c_proj.weight")
-            state[mg + "self_attention.linear_proj.weight"] = projection.t().contiguous()
-            state[mg + "self_attention.linear_proj.bias"] = _take(hf_state, hf + "attn.c_proj.bias")
-            state[mg + "mlp.linear_fc1.weight"] = _take(hf_state, hf + "mlp.c_fc.weight").t().contiguous()
-            state[mg + "mlp.linear_fc1.bias"] = _take(hf_state, hf + "mlp.c_fc.bias")
-            state[mg + "mlp.linear_fc2.weight"] = _take(hf_state, hf + "mlp.c_proj.weight").t().contiguous()
-            state[mg + "mlp.linear_fc2.bias"] = _take(hf_state, hf + "mlp.c_proj.bias")
-        for suffix in ("weight", "bias"):
-            state[f"decoder.final_layernorm.{suffix}"] = _take(hf_state, f"ln_f.{suffix}")
-        hf_state.pop("lm_head.weight", None)
-        _check_all_used(hf_state, ignorable=("attn.bias", "attn.masked_bias"))
-        return state
-
-    def from_mcore(self, state: StateDict, args) -> StateDict:
-        heads, head_dim = args.num_attention_heads, args.kv_channels
-        hf = {
-            "transformer.wte.weight": state["embedding.word_embeddings.weight"][: args.true_vocab_size],
-            "transformer.wpe.weight": state["embedding.position_embeddings.weight"],
-        }
-        for layer in range(args.num_layers):
-            h, mg = f"transformer.h.{layer}.", f"decoder.layers.{layer}."
-            for suffix in ("weight", "bias"):
-                hf[f"{h}ln_1.{suffix}"] = state[f"{mg}input_layernorm.{suffix}"]
-                hf[f"{h}ln_2.{suffix}"] = state[f"{mg}pre_mlp_layernorm.{suffix}"]
-            q, k, v = split_query_key_value(state[mg + "self_attention.linear_qkv.weight"], heads, 1, head_dim)
-            hf[h + "attn.c_attn.weight"] = torch.cat([q, k, v], dim=0).t().contiguous()
-            q, k, v = split_query_key_value(state[mg + "self_attention.linear_qkv.bias"], heads, 1, head_dim)
-            hf[h + "attn.c_attn.bias"] = torch.cat([q, k, v], dim=0)
-            hf[h + "attn.c_proj.weight"] = state[mg + "self_attention.linear_proj.weight"].t().contiguous()
-            hf[h + "attn.c_proj.bias"] = state[mg + "self_attention.linear_proj.bias"]
-            hf[h + "mlp.c_fc.weight"] = state[mg + "mlp.linear_fc1.weight"].t().contiguous()
-            hf[h + "mlp.c_fc.bias"] = state[mg + "mlp.linear_fc1.bias"]
-            hf[h + "mlp.c_proj.weight"] = state[mg + "mlp.linear_fc2.weight"].t().contiguous()
-            hf[h + "mlp.c_proj.bias"] = state[mg + "mlp.linear_fc2.bias"]
-        for suffix in ("weight", "bias"):
-            hf[f"transformer.ln_f.{suffix}"] = state[f"decoder.final_layernorm.{suffix}"]
-        return hf
 
     def check_args(self, args) -> None:
         wanted = {
