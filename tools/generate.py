@@ -33,8 +33,8 @@ from megatron.training.model_config import (  # noqa: E402
 )
 from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from tools.checkpoint.checkpoint_files import fit_vocabulary, read_megatron_checkpoint, relayout_args  # noqa: E402
-from tools.checkpoint.model_layout import mcore_to_legacy_names  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
+from megatron.legacy.model.checkpoint_names import mcore_to_legacy_names  # noqa: E402
 
 _MODEL_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, add_tokenizer_args)
 

@@ -14,21 +14,20 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron.legacy.model.gpt_model import flatten_legacy_state_dict, nest_legacy_state_dict
-from megatron.training.arguments import add_model_regularization_args, add_model_stack_args, add_network_size_args
-from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
-from megatron.training.model_config import ModelArgumentsError, validate_model_args
-from megatron.training.tokenizer import vocab_size_with_padding
-from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
-from tools.checkpoint.model_layout import (
+from megatron.core.models.gpt.checkpoint_names import transformer_engine_to_local_names
+from megatron.core.tensor_parallel.state_dict_sharding import SplitRule, merge_state_dicts, split_rules, split_state_dict
+from megatron.core.transformer.pipeline_layout import merge_pipeline, split_pipeline
+from megatron.legacy.model.checkpoint_names import (
+    flatten_legacy_state_dict,
     legacy_to_mcore_names,
     mcore_to_legacy_names,
-    merge_pipeline,
-    merge_tensor_parallel,
-    split_pipeline,
-    split_tensor_parallel,
-    transformer_engine_to_local_names,
+    nest_legacy_state_dict,
 )
+from megatron.training.arguments import add_model_regularization_args, add_model_stack_args, add_network_size_args
+from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
+from megatron.training.model_config import ModelArgumentsError, core_transformer_config_from_args, validate_model_args
+from megatron.training.tokenizer import vocab_size_with_padding
+from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
 
 StateDict = Dict[str, torch.Tensor]
 _RANK_DIRECTORY = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -102,6 +101,35 @@ def relayout_args(
     )
 
 
+def _uneven_stages(args) -> Tuple[Optional[int], Optional[int]]:
+    """The first and last pipeline stages' layer counts (None: an even share)."""
+    return getattr(args, "decoder_first_pipeline_num_layers", None), getattr(args, "decoder_last_pipeline_num_layers", None)
+
+
+def unsplit_model(args, **overrides):
+    """The mcore model `args` describes at TP=1, PP=1 (any stack's tensors have its names), on the meta
+    device: only its names, shapes and parameter attributes are needed. `overrides` replace args."""
+    from gpt_builders import gpt_builder
+
+    unsplit = argparse.Namespace(**vars(args))
+    unsplit.use_legacy_models = False
+    unsplit.tensor_model_parallel_size = unsplit.pipeline_model_parallel_size = 1
+    unsplit.sequence_parallel = False
+    unsplit.decoder_first_pipeline_num_layers = unsplit.decoder_last_pipeline_num_layers = None
+    unsplit.virtual_pipeline_model_parallel_size = None
+    vars(unsplit).update(overrides)
+    config = core_transformer_config_from_args(unsplit)
+    config.perform_initialization = False
+    with torch.device("meta"):
+        return gpt_builder(unsplit, config=config)
+
+
+def tensor_parallel_rules(args) -> Dict[str, SplitRule]:
+    """How each tensor of the model `args` describes splits over tensor-parallel ranks, as its parameters
+    record it (untied, so that the output layer is there too)."""
+    return split_rules(unsplit_model(args, untie_embeddings_and_output_weights=True))
+
+
 def fit_vocabulary(state: StateDict, args) -> StateDict:
     """Cut the vocabulary rows to the true vocabulary and pad them again for the layout in `args`."""
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -145,13 +173,14 @@ def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
     stack in `args`, then the tracker "release"."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     tied = not args.untie_embeddings_and_output_weights
+    rules = tensor_parallel_rules(args)
     os.makedirs(save_dir, exist_ok=True)
     release_dir = get_checkpoint_name(save_dir, 0, release=True, return_base_dir=True)
     staging = f"{release_dir}.tmp.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for pipeline_rank, stage in enumerate(split_pipeline(state, args, pp, tied)):
-            for tensor_rank, shard in enumerate(split_tensor_parallel(stage, tp, args.swiglu)):
+        for pipeline_rank, stage in enumerate(split_pipeline(state, args.num_layers, pp, tied, *_uneven_stages(args))):
+            for tensor_rank, shard in enumerate(split_state_dict(stage, tp, rules)):
                 if args.use_legacy_models:
                     shard = nest_legacy_state_dict(mcore_to_legacy_names(shard, tied))
                 final_name = get_checkpoint_name(
@@ -249,6 +278,7 @@ def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDi
             "is incomplete"
         )
     args, legacy, stages = _fill_missing_model_args(saved), False, []
+    rules = tensor_parallel_rules(args)
     for pipeline_rank in range(pp):
         shards = []
         for tensor_rank in range(tp):
@@ -259,11 +289,11 @@ def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDi
                 raise ConversionError(f"{path} holds {len(chunks)} model chunks, unlike the other rank files")
             shards.append(chunks)
         stages.append(
-            [merge_tensor_parallel([shard[chunk] for shard in shards], args.swiglu) for chunk in range(len(chunks))]
+            [merge_state_dicts([shard[chunk] for shard in shards], rules) for chunk in range(len(chunks))]
         )
     args.use_legacy_models, args.use_mcore_models = legacy, not legacy
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
-    return args, merge_pipeline(stages, args, tied=not args.untie_embeddings_and_output_weights)
+    return args, merge_pipeline(stages, args.num_layers, not args.untie_embeddings_and_output_weights, *_uneven_stages(args))
 
 
 def read_hf_directory(load_dir: str) -> Tuple[dict, StateDict]:

@@ -19,10 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from gpt_builders import gpt_builder  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.transformer.module import check_state_dict_fits  # noqa: E402
-from megatron.training.model_config import core_transformer_config_from_args  # noqa: E402
 from tools.checkpoint.checkpoint_files import (  # noqa: E402
     fit_vocabulary,
     model_args,
@@ -30,6 +28,7 @@ from tools.checkpoint.checkpoint_files import (  # noqa: E402
     read_megatron_checkpoint,
     relayout_args,
     state_dtype,
+    unsplit_model,
     write_hf_directory,
     write_megatron_checkpoint,
 )
@@ -72,17 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_state_fits_args(args, state) -> None:
-    """The tensors must have exactly the shapes of the model the args describe (built here at TP=1, PP=1)."""
-    mcore_args = argparse.Namespace(**vars(args))
-    mcore_args.use_legacy_models = False
-    mcore_args.tensor_model_parallel_size = mcore_args.pipeline_model_parallel_size = 1
-    mcore_args.decoder_first_pipeline_num_layers = mcore_args.decoder_last_pipeline_num_layers = None
-    mcore_args.virtual_pipeline_model_parallel_size = None
-    config = core_transformer_config_from_args(mcore_args)
-    config.perform_initialization = False
-    config.use_cpu_initialization = True
-    model = gpt_builder(mcore_args, config=config)
-    check_state_dict_fits(model.state_dict(), state)
+    """The tensors must have exactly the shapes of the model the args describe (at TP=1, PP=1)."""
+    check_state_dict_fits(unsplit_model(args).state_dict(), state)
 
 
 def _uneven_stage_layers(options):

@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.tensor_parallel.state_dict_sharding import shard_of
 from megatron.core.utils import divide
 
 def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int, stride: int) -> None:
@@ -64,9 +65,7 @@ def _initialize_slice_from_master(
     master = master.to(dtype=weight.dtype)
     world_size = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    piece = divide(weight.size(partition_dim), stride)
-    pieces = torch.split(master, piece, dim=partition_dim)
-    mine = torch.cat(pieces[rank::world_size], dim=partition_dim)
+    mine = shard_of(master, rank, world_size, partition_dim, stride)
     with torch.no_grad():
         weight.copy_(mine)
 

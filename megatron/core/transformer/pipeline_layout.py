@@ -1,12 +1,16 @@
-"""Which decoder layers each pipeline stage (and virtual chunk) owns: one pure function of the sizes,
-shared by the model builders and the checkpoint converter."""
+"""Which decoder layers each pipeline stage (and virtual chunk) owns: pure functions of the sizes, shared by
+the model builders and the checkpoint converter, and the split of a whole state dict into stages and back."""
 
 import contextlib
-from typing import List, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron.core.model_parallel_config import ConfigError
+
+# A decoder layer's tensor in a model's state dict: (global or stage-local layer number, name within the layer).
+DECODER_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def pipeline_stage_layer_counts(
@@ -92,3 +96,63 @@ def layout_independent_init(config, position: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base_seed + position)
         yield
+
+
+
+
+def split_pipeline(
+    state: Dict[str, torch.Tensor],
+    num_layers: int,
+    pipeline_size: int,
+    tied: bool,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
+) -> List[Dict[str, torch.Tensor]]:
+    """A whole mcore state dict (global layer numbers) -> per-stage state dicts with local layer numbers;
+    the last stage of a tied model with several stages gets its own copy of the word embeddings as
+    `output_layer.weight`."""
+    stages = [{} for _ in range(pipeline_size)]
+    layers = [
+        layer_offset_and_count(num_layers, pipeline_size, stage, 1, 0, first_stage_layers, last_stage_layers)
+        for stage in range(pipeline_size)
+    ]
+    for name, tensor in state.items():
+        match = DECODER_LAYER_NAME.match(name)
+        if match:
+            index = int(match.group(1))
+            stage = next(s for s, (offset, count) in enumerate(layers) if offset <= index < offset + count)
+            stages[stage][f"decoder.layers.{index - layers[stage][0]}.{match.group(2)}"] = tensor
+        elif name.startswith("embedding."):
+            stages[0][name] = tensor
+        else:
+            stages[-1][name] = tensor
+    if tied and pipeline_size > 1:
+        stages[-1]["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
+    return stages
+
+
+def merge_pipeline(
+    stages: List[List[Dict[str, torch.Tensor]]],
+    num_layers: int,
+    tied: bool,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """Inverse of split_pipeline, also for virtual pipeline chunks: `stages[p][v]` is chunk v of stage p
+    (one chunk per stage without virtual stages). The last stage's copy of tied embeddings is dropped."""
+    merged = {}
+    virtual_size = len(stages[0])
+    for stage, chunks in enumerate(stages):
+        for chunk, state in enumerate(chunks):
+            offset, _ = layer_offset_and_count(
+                num_layers, len(stages), stage, virtual_size, chunk, first_stage_layers, last_stage_layers
+            )
+            for name, tensor in state.items():
+                match = DECODER_LAYER_NAME.match(name)
+                if match:
+                    merged[f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"] = tensor
+                elif tied and name == "output_layer.weight" and (stage, chunk) != (0, 0):
+                    continue
+                else:
+                    merged[name] = tensor
+    return merged

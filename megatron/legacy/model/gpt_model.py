@@ -17,58 +17,8 @@ from megatron.core.models.gpt.gpt_model import check_position_embedding_type
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.legacy.model.checkpoint_names import flatten_legacy_state_dict, nest_legacy_state_dict
 from megatron.legacy.model.language_model import TransformerLanguageModel
-
-_HEAD_EMBEDDING_KEY = "word_embeddings_for_head"
-_SECTIONS = {
-    "language_model.embedding.": ("language_model", "embedding"),
-    "language_model.encoder.": ("language_model", "encoder"),
-    "language_model.output_layer.": ("language_model", "output_layer"),
-    "word_embeddings.": (_HEAD_EMBEDDING_KEY,),
-}
-
-
-def nest_legacy_state_dict(flat: dict) -> dict:
-    """Flat module keys -> Megatron-LM's nested legacy checkpoint layout."""
-    nested = {}
-    for name, tensor in flat.items():
-        for prefix, path in _SECTIONS.items():
-            if name.startswith(prefix):
-                break
-        else:
-            raise KeyError(f"{name} belongs to no section of a legacy checkpoint")
-        rest = name[len(prefix):]
-        node = nested
-        for key in path:
-            node = node.setdefault(key, {})
-        if path[-1] == "embedding":
-            # Embeddings nest one level deeper: {'word_embeddings': {'weight': ...}}.
-            module, parameter = rest.split(".", 1)
-            node = node.setdefault(module, {})
-            rest = parameter
-        node[rest] = tensor
-    return nested
-
-
-def flatten_legacy_state_dict(state_dict: dict) -> dict:
-    """Nested legacy checkpoint (or an already flat one) -> flat module keys."""
-    flat = {}
-
-    def visit(prefix, node):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                visit(name + ".", value)
-            else:
-                flat[name] = value
-
-    visit("", state_dict)
-    head = _HEAD_EMBEDDING_KEY + "."
-    return {
-        ("word_embeddings." + name[len(head):] if name.startswith(head) else name): value
-        for name, value in flat.items()
-    }
-
 
 class GPTModel(MegatronModule):
     """Legacy GPT, built with the same keywords as megatron.core's GPTModel minus the layer spec

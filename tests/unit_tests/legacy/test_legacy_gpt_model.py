@@ -7,7 +7,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.legacy.model import GPTModel as LegacyGPTModel
 from megatron.legacy.model.gpt_model import flatten_legacy_state_dict
-from tools.checkpoint.model_layout import legacy_to_mcore_names
+from megatron.legacy.model.checkpoint_names import legacy_to_mcore_names
 
 KWARGS = dict(vocab_size=40, max_sequence_length=16, position_embedding_type="learned_absolute")
 

@@ -5,7 +5,7 @@ import torch
 
 from tests.unit_tests.tools.conftest import VOCAB
 from tools.checkpoint.hf_families import family_for
-from tools.checkpoint.model_layout import legacy_to_mcore_names
+from megatron.legacy.model.checkpoint_names import legacy_to_mcore_names
 
 FAMILIES = {"llama3": "hf_llama_dir", "qwen3": "hf_qwen3_dir", "gpt2": "hf_gpt2_dir"}
 STACKS = {"mcore": "--use-mcore-models", "legacy": "--use-legacy-models"}

@@ -57,7 +57,9 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError(f"the rotary dimension kv_channels x rotary_percent = {dim} must be even")
         self.rotary_interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
-        inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        # Computed on the CPU whatever the default device (so GPU and CPU runs agree bit for bit), then moved.
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        inv_freq = 1.0 / (rotary_base**exponents)
         if rope_scaling:
             inv_freq = llama3_scaled_inverse_frequencies(
                 inv_freq,
