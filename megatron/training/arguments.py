@@ -1078,11 +1078,6 @@ def _validate_pipeline_args(args):
             f"--num-layers-per-virtual-pipeline-stage {per_virtual} must divide the {counts[0]} layers of each "
             f"pipeline stage (--num-layers {args.num_layers} / --pipeline-model-parallel-size {pipeline_size})",
         )
-        _require(
-            not args.use_legacy_models,
-            "the legacy model stack does not run the interleaved schedule; drop --num-layers-per-virtual-pipeline-stage "
-            "or use the mcore stack (without --use-legacy-models)",
-        )
         if counts[0] // per_virtual > 1:
             args.virtual_pipeline_model_parallel_size = counts[0] // per_virtual
     if pipeline_size == 1:

@@ -83,6 +83,9 @@ LAYOUTS = {
     ),
     "pp2_tied_embeddings": ("mcore", True, 2, ["--pipeline-model-parallel-size", "2"], False),
     "legacy_pp2": ("legacy", False, 2, ["--pipeline-model-parallel-size", "2"], False),
+    "legacy_pp2_interleaved": (
+        "legacy", True, 2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], False
+    ),
 }
 
 
@@ -142,17 +145,13 @@ INVALID = {
         ["--pipeline-model-parallel-size", "2", "--global-batch-size", "2"],
         "1 micro batches per step",
     ),
-    "legacy_interleaved": (
-        ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-        "the legacy model stack does not run the interleaved schedule",
-    ),
 }
 
 
 @pytest.mark.parametrize("case", list(INVALID))
 def test_invalid_pipeline_layout_fails_with_its_message(data_path, case):
     extra, message = INVALID[case]
-    flags = _flags(data_path, "legacy" if case.startswith("legacy") else "mcore", False, *extra)
+    flags = _flags(data_path, "mcore", False, *extra)
     result = run_pretrain(flags, nproc=2, timeout=120)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
