@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.training.arguments import build_parser
 from megatron.training.global_vars import get_args
+from megatron.training.safe_load import load_checkpoint_file
 from megatron.training.utils import print_rank_0, unwrap_model
 from megatron.core.errors import UserError
 
@@ -292,8 +293,7 @@ def _read_checkpoint_file(checkpoints_path: str, checkpoint_name: str, iteration
             + _older_checkpoint_hint(checkpoints_path, checkpoint_name, iteration)
         )
     try:
-        # Checkpoints hold the argparse Namespace and numpy RNG states, as Megatron-LM's do.
-        return torch.load(checkpoint_name, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(checkpoint_name)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointError(
             f"checkpoint file {checkpoint_name} is truncated or corrupt ({str(error).splitlines()[0]})"
