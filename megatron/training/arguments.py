@@ -362,6 +362,12 @@ def _check_checkpointing(args):
     ):
         _require(value in (None, False) or args.load is not None, f"{flag} needs --load DIR")
     _require(args.ckpt_step is None or args.ckpt_step >= 0, "--ckpt-step must not be negative")
+    _require(args.auto_resume is False or args.load is not None, "--auto-resume needs --load DIR")
+    _require(
+        args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
+        "--keep-last-checkpoints must be at least 1",
+    )
+    _require(args.keep_last_checkpoints is None or args.save is not None, "--keep-last-checkpoints needs --save DIR")
 
 
 def _check_recompute(args):
@@ -635,6 +641,23 @@ def _add_checkpointing_args(parser):
         "--save-safetensors",
         action="store_true",
         help="Also write each rank's model weights as model.safetensors beside model_optim_rng.pt.",
+    )
+    group.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="Do not compare the loaded files with the sizes and CRC-32s in their checkpoint_manifest.json.",
+    )
+    group.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="When the latest checkpoint under --load is damaged or incomplete, resume from the newest healthy one.",
+    )
+    group.add_argument(
+        "--keep-last-checkpoints",
+        type=int,
+        default=None,
+        help="Keep only the N newest iterations under --save; older ones are deleted after a newer save completes.",
     )
     return parser
 

@@ -85,7 +85,9 @@ def test_save_then_load_restores_everything(tmp_path):
     save_checkpoint(3, [net], optimizer, scheduler)
     name = get_checkpoint_name(args.save, 3)
     assert open(get_checkpoint_tracker_filename(args.save)).read() == "3"
-    assert sorted(os.listdir(os.path.dirname(name))) == ["model.safetensors", "model_optim_rng.pt"]
+    assert sorted(os.listdir(os.path.dirname(name))) == [
+        "checkpoint_manifest.json", "model.safetensors", "model_optim_rng.pt"
+    ]
     for key, value in load_file(os.path.join(os.path.dirname(name), "model.safetensors")).items():
         assert torch.equal(value, net.state_dict()[key])
     expected_after = torch.rand(3)
@@ -126,6 +128,12 @@ def test_truncated_checkpoint_names_the_file_and_the_older_one(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint([net], optimizer, scheduler)
     message = str(error.value)
+    assert f"checkpoint {os.path.dirname(name)} is damaged: model_optim_rng.pt is " in message
+    assert "older complete checkpoint exists at iteration 2: load it with --ckpt-step 2" in message
+    args.verify_checkpoint = False
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint([net], optimizer, scheduler)
+    message = str(error.value)
     assert f"checkpoint file {name} is truncated or corrupt" in message
     assert "older complete checkpoint exists at iteration 2: load it with --ckpt-step 2" in message
 
@@ -154,6 +162,7 @@ def test_mismatched_weights_without_saved_args(tmp_path):
     state = torch.load(name, weights_only=False)
     del state["args"]
     torch.save(state, name)
+    os.remove(os.path.join(os.path.dirname(name), "checkpoint_manifest.json"))  # edited by hand: no manifest
     _, wide, optimizer, scheduler = _setup(tmp_path, width=16)
     with pytest.raises(CheckpointError, match="does not fit the model: .*size mismatch for linear.weight"):
         load_checkpoint([wide], optimizer, scheduler)

@@ -13,6 +13,7 @@ import torch
 
 from megatron.core.enums import ModelType
 from megatron.training import checkpointing
+from megatron.training.checkpoint_manifest import MANIFEST_BASENAME, manifest_text
 from megatron.training.checkpointing import get_checkpoint_name, load_checkpoint, save_checkpoint
 from megatron.training.safe_load import UnsafeCheckpointError, load_checkpoint_file
 from tests.unit_tests.training.test_checkpointing import _setup
@@ -95,6 +96,10 @@ def test_training_load_refuses_a_crafted_checkpoint(tmp_path):
     assert load_checkpoint([net], optimizer, scheduler)[0] == 1, "this project's own checkpoints load"
     name, marker = get_checkpoint_name(args.save, 1), tmp_path / "marker"
     _plant_malicious_file(name, marker)
+    directory = os.path.dirname(name)  # an attacker rewrites the manifest too
+    (tmp_path / "ck" / "iter_0000001" / "mp_rank_00" / MANIFEST_BASENAME).write_text(
+        manifest_text(directory, ["model_optim_rng.pt"])
+    )
     with pytest.raises(UnsafeCheckpointError, match=f"refusing to load {name}: it holds a posix.system"):
         load_checkpoint([net], optimizer, scheduler)
     args.use_checkpoint_args = True
