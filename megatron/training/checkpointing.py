@@ -133,13 +133,24 @@ MODEL_SHAPING_ARGS = (
     "add_qkv_bias",
     "padded_vocab_size",
 )
-# Also taken over by --use-checkpoint-args (where left at their defaults), but free to differ when loading.
-CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + (
-    "seq_length",
+# Flags that change what the weights compute but not their shapes: a resumed run must agree with the
+# checkpoint unless --override-checkpoint-args; --use-checkpoint-args takes them too.
+MODEL_MATHS_ARGS = (
+    "apply_residual_connection_post_layernorm",
+    "norm_epsilon",
     "rotary_base",
     "rotary_percent",
+    "rotary_interleaved",
+    "rotary_seq_len_interpolation_factor",
     "use_rope_scaling",
-    "norm_epsilon",
+    "rope_scaling_factor",
+    "rope_scaling_low_freq_factor",
+    "rope_scaling_high_freq_factor",
+    "rope_scaling_original_max_position_embeddings",
+)
+# Also taken over by --use-checkpoint-args (where left at their defaults), but free to differ when loading.
+CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS + (
+    "seq_length",
     "use_legacy_models",
     "tokenizer_type",
     "vocab_size",
@@ -466,9 +477,11 @@ def _locate_checkpoint(checkpoints_path: str, ckpt_step, exit_on_missing: bool):
 
 
 def _describe_mismatch(checkpoint_args, args) -> str:
-    """The model-shaping flags whose values differ between the checkpoint and this run, as one sentence."""
+    """The model flags whose values differ between the checkpoint and this run, as one sentence
+    (--override-checkpoint-args: the parallel layout only)."""
     differences = []
-    for name in MODEL_SHAPING_ARGS + PARALLEL_LAYOUT_ARGS:
+    model_args = () if args.override_checkpoint_args else MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS
+    for name in model_args + PARALLEL_LAYOUT_ARGS:
         if hasattr(checkpoint_args, name) and hasattr(args, name):
             saved, current = getattr(checkpoint_args, name), getattr(args, name)
             if saved != current:
@@ -476,7 +489,23 @@ def _describe_mismatch(checkpoint_args, args) -> str:
     return "; ".join(differences)
 
 
+def _check_model_stack(checkpoint_name: str, checkpoint_args, args) -> None:
+    """The legacy and mcore stacks name their weights differently: a checkpoint is read by the stack that wrote it."""
+    saved_legacy = getattr(checkpoint_args, "use_legacy_models", None)
+    if saved_legacy is None or bool(saved_legacy) == bool(args.use_legacy_models):
+        return
+    stack = {True: "legacy (--use-legacy-models)", False: "mcore"}
+    raise CheckpointError(
+        f"{checkpoint_name} was saved by the {stack[bool(saved_legacy)]} stack but this run uses the "
+        f"{stack[bool(args.use_legacy_models)]} stack; run with the checkpoint's stack, or convert it: python "
+        f"tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir "
+        f"{os.path.dirname(os.path.dirname(os.path.dirname(checkpoint_name)))} --save-dir NEW_DIR "
+        f"{'--use-legacy-models' if args.use_legacy_models else '--use-mcore-models'}"
+    )
+
+
 def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
+    _check_model_stack(checkpoint_name, checkpoint_args, args)
     mismatch = _describe_mismatch(checkpoint_args, args)
     if not mismatch:
         return
@@ -486,7 +515,7 @@ def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
     hint = (
         "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size"
         if layout_changed
-        else "use the checkpoint's values (or --use-checkpoint-args)"
+        else "use the checkpoint's values (or --use-checkpoint-args), or force it with --override-checkpoint-args"
     )
     raise CheckpointError(f"{checkpoint_name} does not match this model: {mismatch}; {hint}")
 
@@ -599,7 +628,10 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
                 optimizer.load_parameter_state(_read_distributed_optimizer_state(checkpoints_path, checkpoint_name, iteration))
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"the optimizer state in {checkpoint_name} does not fit: {error}") from None
-        opt_param_scheduler.load_state_dict(state_dict["opt_param_scheduler"])
+        try:
+            opt_param_scheduler.load_state_dict(state_dict["opt_param_scheduler"])
+        except ValueError as error:
+            raise CheckpointError(f"cannot resume from {checkpoint_name}: {error}") from None
     if not (weights_only or args.no_load_rng):
         if "rng_state" not in state_dict:
             raise CheckpointError(
