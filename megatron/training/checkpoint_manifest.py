@@ -17,10 +17,11 @@ _CHUNK_BYTES = 8 << 20
 
 def file_crc32(path: str) -> str:
     """CRC-32 of a file's bytes as eight hex digits."""
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            crc = zlib.crc32(chunk, crc)
+    crc, buffer = 0, bytearray(_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            crc = zlib.crc32(view[:count], crc)
     return f"{crc:08x}"
 
 
