@@ -116,9 +116,8 @@ def _config_value(action, key, value):
         return action.const if value else action.default
     if value is None:
         return None
-    convert = action.type or (lambda item: item)
     many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
-    values = [convert(item) for item in (value if isinstance(value, list) else [value])]
+    values = [_typed_config_item(action, item) for item in (value if isinstance(value, list) else [value])]
     if action.choices is not None:
         for item in values:
             if item not in action.choices:
@@ -128,6 +127,16 @@ def _config_value(action, key, value):
     if len(values) != 1:
         raise ValueError("expected a single value, not a list")
     return values[0]
+
+
+def _typed_config_item(action, item):
+    """One YAML item converted by the flag's type, refusing what int()/float() would silently coerce:
+    true/false for a number (int(True) == 1) and a fraction for an integer (int(2.7) == 2)."""
+    if action.type in (int, float) and isinstance(item, bool):
+        raise ValueError(f"expected {'an integer' if action.type is int else 'a number'}, not true/false")
+    if action.type is int and isinstance(item, float):
+        raise ValueError("expected an integer")
+    return action.type(item) if action.type is not None else item
 
 
 def _describe_unknown_flags(parser, unknown):
@@ -299,7 +308,11 @@ def _check_learning_rate(args):
         _require(0.0 <= args.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must lie in [0, 1)")
     if args.skip_train:
         return
-    _require(decay_length > 0, f"--lr-decay-{unit} must be positive")
+    _require(
+        decay_length > 0,
+        f"--lr-decay-{unit} (default --train-{unit}) must be positive; to only evaluate, give --train-{unit} 0 "
+        f"with --lr-decay-{unit} N, or --skip-train",
+    )
     _require(
         warmup < decay_length,
         f"--lr-warmup-{unit} {warmup} is not shorter than the decay length {decay_length} "
@@ -362,6 +375,12 @@ def _check_checkpointing(args):
     ):
         _require(value in (None, False) or args.load is not None, f"{flag} needs --load DIR")
     _require(args.ckpt_step is None or args.ckpt_step >= 0, "--ckpt-step must not be negative")
+    _require(args.auto_resume is False or args.load is not None, "--auto-resume needs --load DIR")
+    _require(
+        args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
+        "--keep-last-checkpoints must be at least 1",
+    )
+    _require(args.keep_last_checkpoints is None or args.save is not None, "--keep-last-checkpoints needs --save DIR")
 
 
 def _check_recompute(args):
@@ -635,6 +654,28 @@ def _add_checkpointing_args(parser):
         "--save-safetensors",
         action="store_true",
         help="Also write each rank's model weights as model.safetensors beside model_optim_rng.pt.",
+    )
+    group.add_argument(
+        "--override-checkpoint-args",
+        action="store_true",
+        help="Load a checkpoint even though model flags that change its maths (norms, rope, residuals) differ.",
+    )
+    group.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="Do not compare the loaded files with the sizes and CRC-32s in their checkpoint_manifest.json.",
+    )
+    group.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="When the latest checkpoint under --load is damaged or incomplete, resume from the newest healthy one.",
+    )
+    group.add_argument(
+        "--keep-last-checkpoints",
+        type=int,
+        default=None,
+        help="Keep only the N newest iterations under --save; older ones are deleted after a newer save completes.",
     )
     return parser
 

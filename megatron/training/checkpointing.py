@@ -2,13 +2,17 @@
 
 SAVE/latest_checkpointed_iteration.txt names the last complete iteration; SAVE/iter_NNNNNNN/mp_rank_TT[_PPP]/
 holds one model_optim_rng.pt per model-parallel rank. Every file is written under a temporary name and
-renamed, and the tracker is written last, so a save interrupted at any point never becomes "latest".
+renamed, each rank directory gets a manifest (checkpoint_manifest.py) once its files are complete, and the
+tracker is written last, so a save interrupted at any point never becomes "latest". Out of disk space, a save
+fails in one line and removes what it wrote; the previous checkpoint and the tracker are untouched.
 """
 
+import errno
 import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -17,7 +21,9 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.training.arguments import build_parser
+from megatron.training.checkpoint_manifest import MANIFEST_BASENAME, manifest_problem, manifest_text, read_manifest
 from megatron.training.global_vars import get_args
+from megatron.training.safe_load import load_checkpoint_file
 from megatron.training.utils import print_rank_0, unwrap_model
 from megatron.core.errors import UserError
 
@@ -94,12 +100,17 @@ def read_metadata(tracker_filename):
             ) from None
         if iteration < 0:
             raise CheckpointError(f"{tracker_filename} holds a negative iteration {iteration}")
-    if dist.is_available() and dist.is_initialized():
-        on_cuda = dist.get_backend() == "nccl"
-        largest = torch.tensor([iteration], dtype=torch.long, device="cuda" if on_cuda else "cpu")
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        iteration = int(largest.item())
-    return iteration, release
+    return _reduce_across_ranks(iteration, dist.ReduceOp.MAX), release
+
+
+def _reduce_across_ranks(value: int, op) -> int:
+    """`value` reduced with `op` over every rank (the value itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    on_cuda = dist.get_backend() == "nccl"
+    tensor = torch.tensor([value], dtype=torch.long, device="cuda" if on_cuda else "cpu")
+    dist.all_reduce(tensor, op=op)
+    return int(tensor.item())
 
 
 # Flags that decide the shapes of the weights: they must agree between a checkpoint and the run loading it,
@@ -122,13 +133,24 @@ MODEL_SHAPING_ARGS = (
     "add_qkv_bias",
     "padded_vocab_size",
 )
-# Also taken over by --use-checkpoint-args (where left at their defaults), but free to differ when loading.
-CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + (
-    "seq_length",
+# Flags that change what the weights compute but not their shapes: a resumed run must agree with the
+# checkpoint unless --override-checkpoint-args; --use-checkpoint-args takes them too.
+MODEL_MATHS_ARGS = (
+    "apply_residual_connection_post_layernorm",
+    "norm_epsilon",
     "rotary_base",
     "rotary_percent",
+    "rotary_interleaved",
+    "rotary_seq_len_interpolation_factor",
     "use_rope_scaling",
-    "norm_epsilon",
+    "rope_scaling_factor",
+    "rope_scaling_low_freq_factor",
+    "rope_scaling_high_freq_factor",
+    "rope_scaling_original_max_position_embeddings",
+)
+# Also taken over by --use-checkpoint-args (where left at their defaults), but free to differ when loading.
+CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS + (
+    "seq_length",
     "use_legacy_models",
     "tokenizer_type",
     "vocab_size",
@@ -148,18 +170,66 @@ def _barrier():
         dist.barrier()
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    """torch.save to PATH.tmp, then rename: a reader never sees a half-written file under the real name."""
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _approximate_size(num_bytes: int) -> str:
+    if num_bytes >= 1 << 30:
+        return f"~{num_bytes / (1 << 30):.1f} GB"
+    return f"~{max(1, round(num_bytes / (1 << 20)))} MB"
+
+
+def _write_atomically(path: str, write, needed_bytes: int = 0) -> str:
+    """write(PATH.tmp), then rename it to PATH: a reader never sees a half-written file under the real name.
+
+    The temporary file is removed whatever fails, closing included; running out of disk space is one
+    CheckpointError that says how much this rank's save needs. Returns PATH.
+    """
     temporary = path + ".tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        _remove_quietly(temporary)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG):
+            raise CheckpointError(
+                f"no space left on {os.path.dirname(path)} (needs {_approximate_size(needed_bytes)} for this rank's "
+                f"checkpoint files; writing {os.path.basename(path)} failed): free disk space or choose another "
+                "--save; the previous checkpoint is intact"
+            ) from None
+        raise
+    return path
+
+
+def _write_text(path: str, text: str, needed_bytes: int = 0) -> str:
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            handle.write(text)
+
+    return _write_atomically(path, write, needed_bytes)
 
 
 def _write_tracker(checkpoints_path: str, iteration: int) -> None:
-    tracker = get_checkpoint_tracker_filename(checkpoints_path)
-    with open(tracker + ".tmp", "w") as tracker_file:
-        tracker_file.write(str(iteration))
-    os.replace(tracker + ".tmp", tracker)
+    _write_text(get_checkpoint_tracker_filename(checkpoints_path), str(iteration))
+
+
+def check_save_directory(checkpoints_path: str) -> None:
+    """--save must be a directory this process can create files in: checked at start-up, not at the first save."""
+    probe = os.path.join(checkpoints_path, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(checkpoints_path, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointError(
+            f"--save {checkpoints_path} is not a writable directory ({error.strerror}); create it with write "
+            "permission or choose another --save"
+        ) from None
 
 
 def get_rng_state(data_parallel_random_init: bool, device: str) -> list:
@@ -199,7 +269,7 @@ def _model_state_dicts(model) -> dict:
     return {f"model{index}": chunk.state_dict() for index, chunk in enumerate(chunks)}
 
 
-def _save_safetensors(model_state: dict, path: str) -> None:
+def _save_safetensors(model_state: dict, path: str, needed_bytes: int) -> str:
     """The model's tensors as safetensors (shared storage cloned apart; extra state objects skipped)."""
     from safetensors.torch import save_file
 
@@ -208,9 +278,48 @@ def _save_safetensors(model_state: dict, path: str) -> None:
         for name, value in model_state.items()
         if isinstance(value, torch.Tensor)
     }
-    temporary = path + ".tmp"
-    save_file(tensors, temporary, metadata={"format": "pt"})
-    os.replace(temporary, path)
+    return _write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}), needed_bytes)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors inside nested dicts / lists: the size a torch.save of `obj` is about."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
+
+
+def _write_rank_files(checkpoint_name: str, state_dict: dict, distributed_optimizer_state, save_safetensors: bool):
+    """This rank's files, then their manifest; on any failure the files written so far are removed."""
+    directory = os.path.dirname(checkpoint_name)
+    model_keys = [key for key in state_dict if key.startswith("model")]
+    needed = _tensor_bytes(state_dict) + _tensor_bytes(distributed_optimizer_state)
+    needed += _tensor_bytes([state_dict[key] for key in model_keys]) if save_safetensors else 0
+    written = []
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _remove_quietly(os.path.join(directory, MANIFEST_BASENAME))  # a re-save is unverified until complete
+        if distributed_optimizer_state is not None:
+            path = os.path.join(directory, DISTRIBUTED_OPTIMIZER_BASENAME)
+            written.append(_write_atomically(path, lambda temporary: torch.save(distributed_optimizer_state, temporary), needed))
+        written.append(_write_atomically(checkpoint_name, lambda temporary: torch.save(state_dict, temporary), needed))
+        for key in model_keys if save_safetensors else []:
+            name = "model.safetensors" if key == "model" else f"{key}.safetensors"
+            written.append(_save_safetensors(state_dict[key], os.path.join(directory, name), needed))
+        manifest = manifest_text(directory, [os.path.basename(path) for path in written])
+        _write_text(os.path.join(directory, MANIFEST_BASENAME), manifest, needed)
+    except BaseException:
+        for path in written:
+            _remove_quietly(path)
+        for empty in (directory, os.path.dirname(directory)):
+            try:
+                os.rmdir(empty)
+            except OSError:
+                break
+        raise
 
 
 def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far=0):
@@ -238,38 +347,90 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
             state_dict["opt_param_scheduler"] = opt_param_scheduler.state_dict()
         if rng_state is not None:
             state_dict["rng_state"] = rng_state
-        os.makedirs(os.path.dirname(checkpoint_name), exist_ok=True)
-        if distributed_optimizer_state is not None:
-            _atomic_torch_save(
-                distributed_optimizer_state, os.path.join(os.path.dirname(checkpoint_name), DISTRIBUTED_OPTIMIZER_BASENAME)
-            )
-        _atomic_torch_save(state_dict, checkpoint_name)
-        if args.save_safetensors:
-            for key in state_dict:
-                if key.startswith("model"):
-                    name = "model.safetensors" if key == "model" else f"{key}.safetensors"
-                    _save_safetensors(state_dict[key], os.path.join(os.path.dirname(checkpoint_name), name))
+        _write_rank_files(checkpoint_name, state_dict, distributed_optimizer_state, args.save_safetensors)
     _barrier()
     if rank == 0:
         _write_tracker(args.save, iteration)
+        if args.keep_last_checkpoints:
+            _delete_old_checkpoints(args.save, iteration, args.keep_last_checkpoints)
     _barrier()
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
+
+
+def _saved_iterations(checkpoints_path: str) -> list:
+    """Every iteration with an iter_NNNNNNN directory under `checkpoints_path`, complete or not, ascending."""
+    iterations = []
+    for entry in os.listdir(checkpoints_path) if os.path.isdir(checkpoints_path) else []:
+        match = re.fullmatch(r"iter_(\d+)", entry)
+        if match and os.path.isdir(os.path.join(checkpoints_path, entry)):
+            iterations.append(int(match.group(1)))
+    return sorted(iterations)
 
 
 def _complete_iterations(checkpoints_path: str, release_name: str) -> list:
     """Iterations under `checkpoints_path` whose file for this rank exists and is a whole zip archive."""
     iterations = []
-    for entry in os.listdir(checkpoints_path):
-        if not entry.startswith("iter_"):
-            continue
-        try:
-            iteration = int(entry[len("iter_") :])
-        except ValueError:
-            continue
-        candidate = os.path.join(checkpoints_path, entry, release_name)
+    for iteration in _saved_iterations(checkpoints_path):
+        candidate = os.path.join(get_checkpoint_name(checkpoints_path, iteration, return_base_dir=True), release_name)
         if os.path.isfile(candidate) and zipfile.is_zipfile(candidate):
             iterations.append(iteration)
-    return sorted(iterations)
+    return iterations
+
+
+def _delete_old_checkpoints(checkpoints_path: str, newest: int, keep: int) -> None:
+    """--keep-last-checkpoints: once `newest` is complete (the tracker names it), delete all but the `keep`
+    newest iteration directories up to it. Each is renamed first, so a deletion cut short leaves no iter_
+    directory behind that looks like a checkpoint."""
+    older = [iteration for iteration in _saved_iterations(checkpoints_path) if iteration < newest]
+    for iteration in older[: max(0, len(older) - (keep - 1))]:
+        directory = get_checkpoint_name(checkpoints_path, iteration, return_base_dir=True)
+        retired = f"{directory}.deleting"
+        os.replace(directory, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+        print_rank_0(f"  deleted checkpoint at iteration {iteration} (--keep-last-checkpoints {keep})")
+
+
+def _rank_directory_problem(checkpoint_name: str) -> "str | None":
+    """Why this rank's directory of a checkpoint cannot be loaded, or None when it looks healthy."""
+    if not os.path.isfile(checkpoint_name):
+        return f"{checkpoint_name} does not exist"
+    directory = os.path.dirname(checkpoint_name)
+    manifest = read_manifest(directory)
+    if manifest is None:  # saved before manifests existed, or by Megatron-LM
+        return None if zipfile.is_zipfile(checkpoint_name) else f"{checkpoint_name} is not a whole checkpoint file"
+    problem = manifest_problem(directory, manifest)
+    return None if problem is None else f"{directory}: {problem}"
+
+
+def _verify_checkpoint(checkpoints_path: str, checkpoint_name: str, iteration: int) -> None:
+    """Compare this rank's files with the manifest written when they were saved."""
+    directory = os.path.dirname(checkpoint_name)
+    manifest = read_manifest(directory)
+    if manifest is None or not os.path.isfile(checkpoint_name):  # a missing file has its own message
+        return
+    problem = manifest_problem(directory, manifest)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {directory} is damaged: {problem}"
+            + _older_checkpoint_hint(checkpoints_path, checkpoint_name, iteration)
+            + " (--auto-resume falls back to the newest healthy checkpoint; --no-verify-checkpoint skips this check)"
+        )
+
+
+def _newest_healthy_iteration(checkpoints_path: str, latest: int) -> int:
+    """--auto-resume: `latest` if every rank's files are healthy, else the newest older iteration that is."""
+    problems = []
+    for iteration in sorted({latest, *(it for it in _saved_iterations(checkpoints_path) if it < latest)}, reverse=True):
+        problem = _rank_directory_problem(get_checkpoint_name(checkpoints_path, iteration))
+        if _reduce_across_ranks(int(problem is None), dist.ReduceOp.MIN) == 1:
+            if problems:
+                print_rank_0(
+                    f"WARNING: --auto-resume: {'; '.join(problems)}; resuming from the newest healthy checkpoint, "
+                    f"iteration {iteration}"
+                )
+            return iteration
+        problems.append(f"iteration {iteration} is damaged ({problem or 'on another rank'})")
+    raise CheckpointError(f"--auto-resume found no healthy checkpoint in {checkpoints_path}: {'; '.join(problems)}")
 
 
 def _older_checkpoint_hint(checkpoints_path: str, checkpoint_name: str, iteration: int) -> str:
@@ -292,8 +453,7 @@ def _read_checkpoint_file(checkpoints_path: str, checkpoint_name: str, iteration
             + _older_checkpoint_hint(checkpoints_path, checkpoint_name, iteration)
         )
     try:
-        # Checkpoints hold the argparse Namespace and numpy RNG states, as Megatron-LM's do.
-        return torch.load(checkpoint_name, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(checkpoint_name)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointError(
             f"checkpoint file {checkpoint_name} is truncated or corrupt ({str(error).splitlines()[0]})"
@@ -317,9 +477,11 @@ def _locate_checkpoint(checkpoints_path: str, ckpt_step, exit_on_missing: bool):
 
 
 def _describe_mismatch(checkpoint_args, args) -> str:
-    """The model-shaping flags whose values differ between the checkpoint and this run, as one sentence."""
+    """The model flags whose values differ between the checkpoint and this run, as one sentence
+    (--override-checkpoint-args: the parallel layout only)."""
     differences = []
-    for name in MODEL_SHAPING_ARGS + PARALLEL_LAYOUT_ARGS:
+    model_args = () if args.override_checkpoint_args else MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS
+    for name in model_args + PARALLEL_LAYOUT_ARGS:
         if hasattr(checkpoint_args, name) and hasattr(args, name):
             saved, current = getattr(checkpoint_args, name), getattr(args, name)
             if saved != current:
@@ -327,7 +489,23 @@ def _describe_mismatch(checkpoint_args, args) -> str:
     return "; ".join(differences)
 
 
+def _check_model_stack(checkpoint_name: str, checkpoint_args, args) -> None:
+    """The legacy and mcore stacks name their weights differently: a checkpoint is read by the stack that wrote it."""
+    saved_legacy = getattr(checkpoint_args, "use_legacy_models", None)
+    if saved_legacy is None or bool(saved_legacy) == bool(args.use_legacy_models):
+        return
+    stack = {True: "legacy (--use-legacy-models)", False: "mcore"}
+    raise CheckpointError(
+        f"{checkpoint_name} was saved by the {stack[bool(saved_legacy)]} stack but this run uses the "
+        f"{stack[bool(args.use_legacy_models)]} stack; run with the checkpoint's stack, or convert it: python "
+        f"tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir "
+        f"{os.path.dirname(os.path.dirname(os.path.dirname(checkpoint_name)))} --save-dir NEW_DIR "
+        f"{'--use-legacy-models' if args.use_legacy_models else '--use-mcore-models'}"
+    )
+
+
 def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
+    _check_model_stack(checkpoint_name, checkpoint_args, args)
     mismatch = _describe_mismatch(checkpoint_args, args)
     if not mismatch:
         return
@@ -337,7 +515,7 @@ def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
     hint = (
         "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size"
         if layout_changed
-        else "use the checkpoint's values (or --use-checkpoint-args)"
+        else "use the checkpoint's values (or --use-checkpoint-args), or force it with --override-checkpoint-args"
     )
     raise CheckpointError(f"{checkpoint_name} does not match this model: {mismatch}; {hint}")
 
@@ -413,8 +591,13 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
         print_rank_0(f"WARNING: no checkpoint found in {checkpoints_path}; training starts from random weights")
         return 0, 0
     iteration, release = located
-    checkpoint_name = get_checkpoint_name(checkpoints_path, iteration, release)
     _check_saved_layout(get_checkpoint_name(checkpoints_path, iteration, release, return_base_dir=True), args)
+    verified = False
+    if args.auto_resume and not release and args.ckpt_step is None:
+        iteration, verified = _newest_healthy_iteration(checkpoints_path, iteration), True
+    checkpoint_name = get_checkpoint_name(checkpoints_path, iteration, release)
+    if args.verify_checkpoint and not verified:
+        _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)
     state_dict = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration)
     checkpoint_args = state_dict.get("args")
     if checkpoint_args is not None:
@@ -445,7 +628,10 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
                 optimizer.load_parameter_state(_read_distributed_optimizer_state(checkpoints_path, checkpoint_name, iteration))
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"the optimizer state in {checkpoint_name} does not fit: {error}") from None
-        opt_param_scheduler.load_state_dict(state_dict["opt_param_scheduler"])
+        try:
+            opt_param_scheduler.load_state_dict(state_dict["opt_param_scheduler"])
+        except ValueError as error:
+            raise CheckpointError(f"cannot resume from {checkpoint_name}: {error}") from None
     if not (weights_only or args.no_load_rng):
         if "rng_state" not in state_dict:
             raise CheckpointError(
@@ -477,6 +663,8 @@ def load_args_from_checkpoint(args, load_arg: str = "load") -> None:
     checkpoint_name = get_checkpoint_name(
         checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0, pipeline_rank=0
     )
+    if args.verify_checkpoint:
+        _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)
     state_dict = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration)
     checkpoint_args = state_dict.get("args")
     if checkpoint_args is None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.training.arguments import parse_args, validate_args
-from megatron.training.checkpointing import load_args_from_checkpoint
+from megatron.training.checkpointing import check_save_directory, load_args_from_checkpoint
 from megatron.training.global_vars import get_args, set_global_variables
 from megatron.training.utils import print_rank_0
 
@@ -25,6 +25,8 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     if args.use_checkpoint_args:
         load_args_from_checkpoint(args)
     validate_args(args, args_defaults)
+    if args.save is not None:
+        check_save_directory(args.save)
     set_global_variables(args)
     _initialize_distributed(args)
     set_random_seed(args.seed, args.data_parallel_random_init)

@@ -171,7 +171,8 @@ class OptimizerParamScheduler:
         if "start_wd" in state_dict:
             self.start_wd = self._choose(self.start_wd, state_dict["start_wd"], "start weight decay")
             self.end_wd = self._choose(self.end_wd, state_dict["end_wd"], "end weight decay")
-            self.wd_incr_steps = self._choose(self.wd_incr_steps, state_dict["wd_incr_steps"], "weight decay steps")
             self.wd_incr_style = self._choose(self.wd_incr_style, state_dict["wd_incr_style"], "weight decay style")
+            if self.wd_incr_style != "constant":  # constant decay ignores its length, which --train-iters sets
+                self.wd_incr_steps = self._choose(self.wd_incr_steps, state_dict["wd_incr_steps"], "weight decay steps")
         self.num_steps = 0
         self.step(increment=state_dict["num_steps"])

@@ -8,6 +8,7 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import re
 import shutil
 from typing import Dict, List, Optional, Tuple
@@ -26,6 +27,7 @@ from megatron.legacy.model.checkpoint_names import (
 from megatron.training.arguments import add_model_regularization_args, add_model_stack_args, add_network_size_args
 from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
 from megatron.training.model_config import ModelArgumentsError, core_transformer_config_from_args, validate_model_args
+from megatron.training.safe_load import load_checkpoint_file
 from megatron.training.tokenizer import vocab_size_with_padding
 from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
 
@@ -228,8 +230,8 @@ def _load_rank_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as error:
+        return load_checkpoint_file(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ConversionError(f"{path} cannot be read ({error}); the file is truncated or not a checkpoint") from None
 
 
@@ -323,8 +325,8 @@ def _read_hf_tensors(load_dir: str) -> StateDict:
             if path.endswith(".safetensors"):
                 state.update(load_file(path))
             else:
-                state.update(torch.load(path, map_location="cpu", weights_only=True))
-        except (SafetensorError, RuntimeError, EOFError, OSError) as error:
+                state.update(load_checkpoint_file(path))
+        except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
             raise ConversionError(f"{path} cannot be read ({error}); the file is truncated or corrupt") from None
     return state
 

@@ -54,6 +54,9 @@ def test_yaml_config_supplies_flags_and_command_line_wins(tmp_path):
         ("- lr\n", "must be a mapping"),
         ("bf16: maybe\n", "expected true or false"),
         ("lr: [1\n", "not valid YAML"),
+        ("num_layers: 2.7\n", "bad value 2.7 for 'num_layers': expected an integer"),
+        ("num_layers: true\n", "bad value True for 'num_layers': expected an integer, not true/false"),
+        ("lr: false\n", "bad value False for 'lr': expected a number, not true/false"),
     ],
 )
 def test_bad_yaml_config(tmp_path, capsys, text, message):
@@ -116,6 +119,23 @@ def test_inconsistent_flags_give_one_clear_message(monkeypatch, flags, world_siz
     with pytest.raises(ArgumentsError) as error:
         _validated(*flags, world_size=world_size, monkeypatch=monkeypatch)
     assert message in str(error.value)
+
+
+def test_yaml_numbers_keep_their_flag_types(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_layers: 3\nlr: 1\nhidden_size: '32'\n")
+    args = parse_args(args_list=["--config", str(config)])
+    assert (args.num_layers, args.lr, args.hidden_size) == (3, 1.0, 32) and isinstance(args.lr, float)
+
+
+def test_train_iters_zero_evaluates_only_with_a_decay_length(monkeypatch):
+    with pytest.raises(ArgumentsError) as error:
+        _validated("--train-iters", "0", monkeypatch=monkeypatch)
+    assert str(error.value) == (
+        "--lr-decay-iters (default --train-iters) must be positive; to only evaluate, give --train-iters 0 with "
+        "--lr-decay-iters N, or --skip-train"
+    )
+    assert _validated("--train-iters", "0", "--lr-decay-iters", "10", monkeypatch=monkeypatch).train_iters == 0
 
 
 def test_training_length_and_lr_are_required(monkeypatch):

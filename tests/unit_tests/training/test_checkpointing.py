@@ -85,7 +85,9 @@ def test_save_then_load_restores_everything(tmp_path):
     save_checkpoint(3, [net], optimizer, scheduler)
     name = get_checkpoint_name(args.save, 3)
     assert open(get_checkpoint_tracker_filename(args.save)).read() == "3"
-    assert sorted(os.listdir(os.path.dirname(name))) == ["model.safetensors", "model_optim_rng.pt"]
+    assert sorted(os.listdir(os.path.dirname(name))) == [
+        "checkpoint_manifest.json", "model.safetensors", "model_optim_rng.pt"
+    ]
     for key, value in load_file(os.path.join(os.path.dirname(name), "model.safetensors")).items():
         assert torch.equal(value, net.state_dict()[key])
     expected_after = torch.rand(3)
@@ -126,6 +128,12 @@ def test_truncated_checkpoint_names_the_file_and_the_older_one(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint([net], optimizer, scheduler)
     message = str(error.value)
+    assert f"checkpoint {os.path.dirname(name)} is damaged: model_optim_rng.pt is " in message
+    assert "older complete checkpoint exists at iteration 2: load it with --ckpt-step 2" in message
+    args.verify_checkpoint = False
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint([net], optimizer, scheduler)
+    message = str(error.value)
     assert f"checkpoint file {name} is truncated or corrupt" in message
     assert "older complete checkpoint exists at iteration 2: load it with --ckpt-step 2" in message
 
@@ -154,6 +162,7 @@ def test_mismatched_weights_without_saved_args(tmp_path):
     state = torch.load(name, weights_only=False)
     del state["args"]
     torch.save(state, name)
+    os.remove(os.path.join(os.path.dirname(name), "checkpoint_manifest.json"))  # edited by hand: no manifest
     _, wide, optimizer, scheduler = _setup(tmp_path, width=16)
     with pytest.raises(CheckpointError, match="does not fit the model: .*size mismatch for linear.weight"):
         load_checkpoint([wide], optimizer, scheduler)
@@ -203,3 +212,62 @@ def test_use_checkpoint_args_fills_flags_left_at_their_defaults(tmp_path):
     checkpointing.load_args_from_checkpoint(args)
     assert (args.hidden_size, args.num_attention_heads, args.swiglu, args.normalization) == (8, 2, True, "RMSNorm")
     assert args.num_layers == 3, "a flag given on the command line wins"
+
+
+@pytest.mark.parametrize(
+    "flags, difference",
+    [
+        (["--apply-residual-connection-post-layernorm"], "--apply-residual-connection-post-layernorm False (checkpoint) vs True"),
+        (["--rotary-base", "500000"], "--rotary-base 10000 (checkpoint) vs 500000.0 (this run)"),
+        (["--use-rope-scaling"], "--use-rope-scaling False (checkpoint) vs True (this run)"),
+        (["--rotary-percent", "0.5"], "--rotary-percent 1.0 (checkpoint) vs 0.5 (this run)"),
+        (["--norm-epsilon", "1e-6"], "--norm-epsilon 1e-05 (checkpoint) vs 1e-06 (this run)"),
+        (["--normalization", "RMSNorm"], "--normalization LayerNorm (checkpoint) vs RMSNorm (this run)"),
+        (["--qk-layernorm"], "--qk-layernorm False (checkpoint) vs True (this run)"),
+    ],
+)
+def test_flags_that_change_the_maths_refuse_to_resume(tmp_path, flags, difference):
+    _, net, optimizer, scheduler = _setup(tmp_path, "--position-embedding-type", "rope")
+    save_checkpoint(1, [net], optimizer, scheduler)
+    _, net, optimizer, scheduler = _setup(tmp_path, "--position-embedding-type", "rope", *flags)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint([net], optimizer, scheduler)
+    assert difference in str(error.value) and "force it with --override-checkpoint-args" in str(error.value)
+    _, net, optimizer, scheduler = _setup(tmp_path, "--position-embedding-type", "rope", *flags, "--override-checkpoint-args")
+    assert load_checkpoint([net], optimizer, scheduler)[0] == 1
+
+
+def test_a_checkpoint_is_read_by_the_stack_that_wrote_it(tmp_path):
+    _, net, optimizer, scheduler = _setup(tmp_path)
+    save_checkpoint(1, [net], optimizer, scheduler)
+    args, net, optimizer, scheduler = _setup(tmp_path, "--use-legacy-models")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint([net], optimizer, scheduler)
+    assert str(error.value) == (
+        f"{get_checkpoint_name(args.save, 1)} was saved by the mcore stack but this run uses the legacy "
+        "(--use-legacy-models) stack; run with the checkpoint's stack, or convert it: python "
+        f"tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir {args.save} "
+        "--save-dir NEW_DIR --use-legacy-models"
+    )
+
+
+def _scheduled(tmp_path, *flags):
+    """_setup with the schedule built from the flags, as pretrain builds it."""
+    from megatron.training.training import get_optimizer_param_scheduler
+
+    args, net, optimizer, _ = _setup(tmp_path, "--lr-decay-style", "cosine", *flags)
+    return args, net, optimizer, get_optimizer_param_scheduler(optimizer)
+
+
+def test_a_longer_train_iters_continues_the_same_schedule(tmp_path):
+    _, net, optimizer, scheduler = _scheduled(tmp_path, "--lr-decay-iters", "10")
+    scheduler.step(5)
+    save_checkpoint(5, [net], optimizer, scheduler)
+    args, net, optimizer, scheduler = _scheduled(tmp_path, "--lr-decay-iters", "10", "--train-iters", "20")
+    assert load_checkpoint([net], optimizer, scheduler)[0] == 5
+    assert scheduler.num_steps == 5 and args.train_iters == 20
+
+    _, net, optimizer, scheduler = _scheduled(tmp_path, "--train-iters", "20")  # decay length follows --train-iters
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*: the checkpoint's decay steps \(10\) differs "
+                       r"from the flags' \(20\); pass --override-opt_param-scheduler"):
+        load_checkpoint([net], optimizer, scheduler)
