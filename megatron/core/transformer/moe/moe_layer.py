@@ -43,7 +43,7 @@ class MoELayer(MegatronModule):
         ep_size = group_size(self.pg_collection.ep)
         if ep_size != config.expert_model_parallel_size:
             raise ConfigError(
-                f"the expert-parallel group has {ep_size} ranks but --expert-model-parallel-size is "
+                f"the expert-parallel group size {ep_size} differs from --expert-model-parallel-size "
                 f"{config.expert_model_parallel_size}"
             )
         if config.tensor_model_parallel_size > 1 or config.expert_tensor_parallel_size > 1:
@@ -57,10 +57,14 @@ class MoELayer(MegatronModule):
         self.local_expert_indices = list(range(first, first + self.num_local_experts))
         self.router = TopKRouter(config, self.pg_collection)
         self.router.set_layer_number(layer_number)
-        self.experts = build_module(submodules.experts, self.num_local_experts, config, pg_collection=self.pg_collection)
+        self.experts = build_module(
+            submodules.experts, self.num_local_experts, config, pg_collection=self.pg_collection
+        )
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
-            self.shared_experts = build_module(submodules.shared_experts, config=config, gate=config.moe_shared_expert_gate)
+            self.shared_experts = build_module(
+                submodules.shared_experts, config=config, gate=config.moe_shared_expert_gate
+            )
         self.token_dispatcher = DISPATCHERS[config.moe_token_dispatcher_type](
             self.num_local_experts, self.local_expert_indices, config, self.pg_collection
         )

@@ -85,11 +85,14 @@ def test_matches_transformers_sparse_moe_block(family, norm_topk_prob, dispatche
     torch.testing.assert_close(our_input.grad.transpose(0, 1), hf_input.grad, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer.router.weight.grad, block.gate.weight.grad, atol=1e-5, rtol=0)
     for index, expert in enumerate(layer.experts.local_experts):
-        torch.testing.assert_close(expert.linear_fc1.weight.grad, block.experts.gate_up_proj.grad[index], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(expert.linear_fc2.weight.grad, block.experts.down_proj.grad[index], atol=1e-5, rtol=1e-5)
+        hf_fc1_grad, hf_fc2_grad = block.experts.gate_up_proj.grad[index], block.experts.down_proj.grad[index]
+        torch.testing.assert_close(expert.linear_fc1.weight.grad, hf_fc1_grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(expert.linear_fc2.weight.grad, hf_fc2_grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fields", [{}, {"add_bias_linear": True}, {"gated_linear_unit": False, "activation_func": F.gelu}])
+@pytest.mark.parametrize(
+    "fields", [{}, {"add_bias_linear": True}, {"gated_linear_unit": False, "activation_func": F.gelu}]
+)
 def test_grouped_gemm_equals_sequential_experts(fields):
     """Same keys, outputs and gradients; widths 16 / 16 / 8 fit torch._grouped_mm, so its path runs."""
     torch.manual_seed(3)

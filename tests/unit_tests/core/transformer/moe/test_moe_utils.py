@@ -39,7 +39,8 @@ routing_map = out["route_softmax"][1]
 permuted, permuted_probs, indices = m.permute(inputs["tokens"], routing_map, probs=out["route_softmax"][0])
 out["permute"] = (permuted, permuted_probs, indices)
 out["unpermute"] = m.unpermute(permuted * 3, indices, inputs["tokens"].shape)
-out["sort_chunks"] = m.sort_chunks_by_idxs(inputs["tokens"][:10], torch.tensor([3, 0, 4, 3]), torch.tensor([2, 0, 3, 1]))
+sizes, order = torch.tensor([3, 0, 4, 3]), torch.tensor([2, 0, 3, 1])
+out["sort_chunks"] = m.sort_chunks_by_idxs(inputs["tokens"][:10], sizes, order)
 out["drop"] = m.apply_router_token_dropping(*out["route_softmax"], 2, 0.5, "probs")
 out["drop_pad"] = m.apply_router_token_dropping(*out["route_softmax"], 2, 0.5, "probs", pad_to_capacity=True)
 out["capacity"] = torch.tensor([m.get_capacity(64, 8, 1.3), m.get_capacity(10, 8, 0.1, min_capacity=4)])
@@ -90,7 +91,8 @@ def test_topk_routing_matches_megatron_core(inputs, reference, name, kwargs):
 def test_losses_match_megatron_core(inputs, reference):
     logits = inputs["logits"]
     for function in ("softmax", "sigmoid"):
-        _assert_equal(moe_utils.compute_routing_scores_for_aux_loss(logits, 3, function), reference["aux_scores_" + function])
+        ours = moe_utils.compute_routing_scores_for_aux_loss(logits, 3, function)
+        _assert_equal(ours, reference["aux_scores_" + function])
     aux = moe_utils.switch_load_balancing_loss_func(inputs["probs"], inputs["counts"], 64, 2, 8, 0.01)
     _assert_equal(aux, reference["aux_loss"])
     _assert_equal(moe_utils.z_loss_func(logits, 1e-3), reference["z_loss"])
