@@ -62,10 +62,14 @@ class SequentialMLP(MegatronModule):
         return torch.cat(outputs, dim=0), None
 
 
-def _grouped_mm_fits(dtype: torch.dtype, *sizes: int) -> bool:
-    """torch._grouped_mm exists here and its 16-byte stride rule holds for these row widths."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return hasattr(torch, "_grouped_mm") and all(size * element_size % 16 == 0 for size in sizes)
+def _grouped_mm_fits(tokens: torch.Tensor, *widths: int) -> bool:
+    """torch._grouped_mm exists here, takes this device and dtype (on GPUs: bf16 on Hopper or newer) and its
+    16-byte stride rule holds for these row widths."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if tokens.is_cuda and (tokens.dtype != torch.bfloat16 or torch.cuda.get_device_capability(tokens.device)[0] < 9):
+        return False
+    return all(width * tokens.element_size() % 16 == 0 for width in widths)
 
 
 def _per_token(per_expert: Optional[torch.Tensor], sizes: List[int]) -> Optional[torch.Tensor]:
@@ -92,7 +96,7 @@ class GroupedGemmMLP(SequentialMLP):
         sizes = _split_sizes(tokens_per_expert)
         fc1, fc2 = self.local_experts[0].linear_fc1, self.local_experts[0].linear_fc2
         widths = (fc1.input_size, fc1.output_size, fc2.input_size)
-        if sum(sizes) == 0 or not _grouped_mm_fits(permuted_local_hidden_states.dtype, *widths):
+        if sum(sizes) == 0 or not _grouped_mm_fits(permuted_local_hidden_states, *widths):
             return super().forward(permuted_local_hidden_states, sizes, permuted_probs)
         offsets = torch.tensor(sizes, device=permuted_local_hidden_states.device).cumsum(0).to(torch.int32)
         fc1_weight, fc1_bias = self._stacked("linear_fc1")

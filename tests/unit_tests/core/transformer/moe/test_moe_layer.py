@@ -113,13 +113,17 @@ def test_grouped_gemm_equals_sequential_experts(fields):
         torch.testing.assert_close(grp_grads[name], seq_grads[name], atol=1e-6, rtol=1e-6)
 
 
-def test_grouped_gemm_runs_torch_grouped_mm(monkeypatch):
-    """The grouped path really calls torch._grouped_mm (twice: fc1 and fc2) when the widths fit."""
+@pytest.mark.parametrize("ffn_hidden_size,grouped_calls", [(8, 2), (3, 0)])
+def test_grouped_gemm_runs_torch_grouped_mm_where_the_widths_fit(monkeypatch, ffn_hidden_size, grouped_calls):
+    """One grouped GEMM per projection; a width of 3 fp32 values breaks its 16-byte rule: the loop runs instead."""
     calls = []
     original = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
-    moe_layer(moe_config(moe_grouped_gemm=True))(torch.randn(3, 2, 16))
-    assert len(calls) == 2
+    x = torch.randn(3, 2, 16)
+    grouped, _ = moe_layer(moe_config(moe_grouped_gemm=True, moe_ffn_hidden_size=ffn_hidden_size))(x)
+    sequential, _ = moe_layer(moe_config(moe_ffn_hidden_size=ffn_hidden_size))(x)
+    assert len(calls) == grouped_calls
+    torch.testing.assert_close(grouped, sequential, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy,kept", [("probs", [1, 3]), ("position", [0, 1])])
