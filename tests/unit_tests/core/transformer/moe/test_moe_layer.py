@@ -9,8 +9,10 @@ from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     apply_router_token_dropping,
     clear_aux_losses_tracker,
+    compute_routing_scores_for_aux_loss,
     get_moe_layer_wise_logging_tracker,
     get_updated_expert_bias,
+    switch_load_balancing_loss_func,
     update_routers_expert_bias,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -206,27 +208,52 @@ def test_aux_loss_autoscaler_injects_the_scaled_loss_gradient():
     assert torch.equal(x.grad, torch.ones(3)) and w.grad.item() == 0.5 * 2 * 2.0
 
 
+LOGGED_NAMES = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
+}
+
+
+def _logged_loss(loss_type, *micro_batches):
+    """The unscaled balancing loss the tracker holds after training forwards and backwards, and the router."""
+    clear_aux_losses_tracker()
+    torch.manual_seed(4)
+    router = TopKRouter(moe_config(moe_router_load_balancing_type=loss_type, moe_aux_loss_coeff=0.1))
+    router.set_layer_number(1)
+    for inputs in micro_batches:
+        probs, _ = router(inputs)
+        probs.sum().backward()
+    return get_moe_layer_wise_logging_tracker()[LOGGED_NAMES[loss_type]]["values"][0].item(), router
+
+
 def test_seq_aux_loss_is_the_mean_of_per_sequence_aux_losses():
     """With one sequence seq_aux_loss equals aux_loss; with two it is their per-sequence average."""
     torch.manual_seed(5)
     x = torch.randn(6, 2, 16)
-
-    def logged(loss_type, inputs):
-        clear_aux_losses_tracker()
-        torch.manual_seed(4)
-        router = TopKRouter(moe_config(moe_router_load_balancing_type=loss_type, moe_aux_loss_coeff=0.1))
-        router.set_layer_number(1)
-        probs, _ = router(inputs)
-        probs.sum().backward()
-        name = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}[loss_type]
-        return get_moe_layer_wise_logging_tracker()[name]["values"][0].item(), router.weight.grad
-
-    per_sequence = [logged("aux_loss", x[:, i : i + 1])[0] for i in range(2)]
-    assert logged("seq_aux_loss", x[:, :1])[0] == pytest.approx(per_sequence[0], rel=1e-6)
-    assert logged("seq_aux_loss", x)[0] == pytest.approx(sum(per_sequence) / 2, rel=1e-6)
-    _, grad_with_loss = logged("aux_loss", x)
-    clear_aux_losses_tracker()
+    per_sequence = [_logged_loss("aux_loss", x[:, i : i + 1])[0] for i in range(2)]
+    assert _logged_loss("seq_aux_loss", x[:, :1])[0] == pytest.approx(per_sequence[0], rel=1e-6)
+    assert _logged_loss("seq_aux_loss", x)[0] == pytest.approx(sum(per_sequence) / 2, rel=1e-6)
+    _, with_loss = _logged_loss("aux_loss", x)
     torch.manual_seed(4)
     plain = TopKRouter(moe_config())
     plain(x)[0].sum().backward()
-    assert not torch.allclose(grad_with_loss, plain.weight.grad)  # the loss reaches the router weight
+    assert not torch.allclose(with_loss.weight.grad, plain.weight.grad)  # the loss reaches the router weight
+
+
+def test_global_aux_loss_counts_tokens_over_the_global_batch():
+    """First micro-batch: the aux loss; later ones use the counts averaged over the micro-batches so far."""
+    torch.manual_seed(6)
+    x1, x2 = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+    first, counting_router = _logged_loss("aux_loss", x1)
+    assert _logged_loss("global_aux_loss", x1)[0] == pytest.approx(first, rel=1e-6)
+    two_batches, router = _logged_loss("global_aux_loss", x1, x2)
+    logits = counting_router.gating(x2).view(-1, 4)
+    routing_map, scores = compute_routing_scores_for_aux_loss(logits, 2, "softmax")
+    counts_1 = compute_routing_scores_for_aux_loss(counting_router.gating(x1).view(-1, 4), 2, "softmax")[0].sum(0)
+    average_counts = (counts_1 + routing_map.sum(0)) / 2
+    second = switch_load_balancing_loss_func(scores, average_counts, 12, 2, 4, 1.0).item()
+    assert two_batches == pytest.approx(first + second, rel=1e-6)
+    assert router.ga_steps.item() == 2
+    router.reset_global_aux_loss_tracker()
+    assert router.ga_steps.item() == 0 and not router.global_tokens_per_expert.any()
