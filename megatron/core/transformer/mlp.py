@@ -2,7 +2,7 @@
 down projection."""
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch.nn.functional as F
 
@@ -36,13 +36,17 @@ def apply_mlp_activation(intermediate, bias, config: TransformerConfig):
     return activation(intermediate if bias is None else intermediate + bias)
 
 
-def build_mlp_projections(config: TransformerConfig, fc1_spec, fc2_spec):
-    """(up projection h -> ffn (x2 when gated), down projection ffn -> h) built from their specs."""
+def build_mlp_projections(
+    config: TransformerConfig, fc1_spec, fc2_spec, ffn_hidden_size: Optional[int] = None
+):
+    """(up projection h -> ffn (x2 when gated), down projection ffn -> h) built from their specs; `ffn_hidden_size`
+    overrides the config's width (routed and shared experts have their own)."""
     gated = config.gated_linear_unit
+    ffn_hidden_size = config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size
     fc1 = build_module(
         fc1_spec,
         config.hidden_size,
-        config.ffn_hidden_size * (2 if gated else 1),
+        ffn_hidden_size * (2 if gated else 1),
         config=config,
         init_method=config.init_method,
         bias=config.add_bias_linear,
@@ -53,7 +57,7 @@ def build_mlp_projections(config: TransformerConfig, fc1_spec, fc2_spec):
     )
     fc2 = build_module(
         fc2_spec,
-        config.ffn_hidden_size,
+        ffn_hidden_size,
         config.hidden_size,
         config=config,
         init_method=config.output_layer_init_method,
@@ -73,9 +77,11 @@ def mlp_forward(fc1, fc2, hidden_states, config: TransformerConfig):
 class MLP(MegatronModule):
     """h -> ffn (x2 when gated) -> activation -> h; returns (output, output_bias)."""
 
-    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules):
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, ffn_hidden_size: Optional[int] = None):
         super().__init__(config)
-        self.linear_fc1, self.linear_fc2 = build_mlp_projections(config, submodules.linear_fc1, submodules.linear_fc2)
+        self.linear_fc1, self.linear_fc2 = build_mlp_projections(
+            config, submodules.linear_fc1, submodules.linear_fc2, ffn_hidden_size
+        )
 
     def forward(self, hidden_states):
         return mlp_forward(self.linear_fc1, self.linear_fc2, hidden_states, self.config)

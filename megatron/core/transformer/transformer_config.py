@@ -1,7 +1,7 @@
 """TransformerConfig: every number and switch that shapes a transformer, validated on construction."""
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Union
 
 import torch.nn.functional as F
 
@@ -13,6 +13,11 @@ from megatron.core.utils import init_method_normal, scaled_init_method_normal
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+MOE_DISPATCHERS = ("allgather", "alltoall")
+MOE_DROP_POLICIES = ("probs", "position")
+MOE_ROUTER_DTYPES = ("fp32", "fp64")
 
 
 @dataclass
@@ -59,6 +64,37 @@ class TransformerConfig(ModelParallelConfig):
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
 
+    # Mixture of experts (megatron/core/transformer/moe); num_moe_experts None means a dense MLP. Megatron keeps
+    # the two expert parallel sizes in ModelParallelConfig; they live here with the rest of MoE.
+    num_moe_experts: Optional[int] = None
+    moe_layer_freq: Union[int, List[int]] = 1
+    """An MoE layer every N layers from layer 0, or one 0/1 entry per layer (1 = MoE)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of one routed expert; None means ffn_hidden_size."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Total width of the shared experts (number of shared experts x per-expert width); None means none."""
+    moe_shared_expert_gate: bool = False
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_dtype: Optional[str] = None
+    moe_router_load_balancing_type: Union[str, List[str]] = "aux_loss"
+    moe_aux_loss_coeff: Union[float, List[float]] = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_token_dispatcher_type: str = "allgather"
+    moe_grouped_gemm: bool = False
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_token_drop_policy: str = "probs"
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    """None means tensor_model_parallel_size."""
+
     def __post_init__(self):
         super().__post_init__()
         self._check_sizes()
@@ -66,6 +102,7 @@ class TransformerConfig(ModelParallelConfig):
         self._check_ranges()
         self._check_pipeline_split()
         self._check_recompute()
+        self._check_moe()
         if self.init_method is None:
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:
@@ -155,3 +192,89 @@ class TransformerConfig(ModelParallelConfig):
                 )
             if not self.recompute_num_layers or self.recompute_num_layers < 1:
                 raise ConfigError("full recompute needs recompute_num_layers >= 1 (--recompute-num-layers)")
+
+    def _check_moe(self):
+        """MoE fields; each message names the flag to change."""
+        if self.expert_tensor_parallel_size is None:
+            self.expert_tensor_parallel_size = self.tensor_model_parallel_size
+        experts, ep = self.num_moe_experts, self.expert_model_parallel_size
+        if experts is None:
+            if ep > 1:
+                raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
+            return
+        if experts <= 0:
+            raise ConfigError(f"--num-experts must be positive, got {experts}")
+        if ep < 1 or experts % ep:
+            raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        widths = {
+            "--moe-ffn-hidden-size": self.moe_ffn_hidden_size,
+            "--moe-shared-expert-intermediate-size": self.moe_shared_expert_intermediate_size,
+        }
+        for flag, width in widths.items():
+            if width is not None and width <= 0:
+                raise ConfigError(f"{flag} must be positive, got {width}")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ConfigError("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        self._check_moe_layer_freq()
+        self._check_moe_router()
+        self._check_moe_load_balancing()
+        _check_choice("--moe-token-dispatcher-type", self.moe_token_dispatcher_type, MOE_DISPATCHERS)
+        _check_choice("--moe-token-drop-policy", self.moe_token_drop_policy, MOE_DROP_POLICIES)
+        capacity_factor = self.moe_expert_capacity_factor
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ConfigError(f"--moe-expert-capacity-factor must be positive, got {capacity_factor}")
+        if self.moe_pad_expert_input_to_capacity and capacity_factor is None:
+            raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+
+    def _check_moe_layer_freq(self):
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            if freq < 1:
+                raise ConfigError(f"--moe-layer-freq must be at least 1, got {freq}")
+        elif len(freq) != self.num_layers or any(entry not in (0, 1) for entry in freq):
+            raise ConfigError(
+                f"--moe-layer-freq needs one 0/1 entry per layer (--num-layers {self.num_layers}), got {freq}"
+            )
+
+    def _check_moe_router(self):
+        experts, topk = self.num_moe_experts, self.moe_router_topk
+        if topk > experts:
+            raise ConfigError(f"--moe-router-topk {topk} exceeds --num-experts {experts}")
+        if topk < 1:
+            raise ConfigError(f"--moe-router-topk must be at least 1, got {topk}")
+        _check_choice("--moe-router-score-function", self.moe_router_score_function, MOE_SCORE_FUNCTIONS)
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ConfigError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
+        if self.moe_router_dtype is not None:
+            _check_choice("--moe-router-dtype", self.moe_router_dtype, MOE_ROUTER_DTYPES)
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ConfigError("--moe-router-num-groups and --moe-router-group-topk must be given together")
+        if groups is None:
+            return
+        if groups <= 0 or experts % groups:
+            raise ConfigError(f"--num-experts {experts} is not divisible by --moe-router-num-groups {groups}")
+        if not 1 <= group_topk <= groups:
+            raise ConfigError(f"--moe-router-group-topk {group_topk} must lie in [1, --moe-router-num-groups {groups}]")
+        if topk % group_topk or topk // group_topk > experts // groups:
+            raise ConfigError(
+                f"--moe-router-topk {topk} must be a multiple of --moe-router-group-topk {group_topk}, taking at "
+                f"most {experts // groups} experts (one group) from each selected group"
+            )
+
+    def _check_moe_load_balancing(self):
+        types, coeffs = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
+        for name in [types] if isinstance(types, str) else types:
+            _check_choice("--moe-router-load-balancing-type", name, MOE_LOAD_BALANCING_TYPES)
+        if not isinstance(types, str) and (isinstance(coeffs, (int, float)) or len(coeffs) != len(types)):
+            raise ConfigError(
+                f"--moe-aux-loss-coeff needs one value per --moe-router-load-balancing-type ({len(types)}), "
+                f"got {coeffs}"
+            )
+
+
+def _check_choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} {value}: choose one of {', '.join(choices)}")
