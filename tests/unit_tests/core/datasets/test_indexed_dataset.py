@@ -137,12 +137,40 @@ class TestBadFiles:
         with pytest.raises(IndexedDatasetError, match="not a Megatron .idx file"):
             IndexedDataset(prefix)
 
+    @pytest.mark.parametrize(
+        "field, sequence, value, message",
+        [
+            ("lengths", 3, -72000, r"sequence 3 has a negative length \(-72000\)"),
+            ("pointers", 2, 4, r"sequence 2 starts at byte 4, inside sequence 1, which ends at byte 8"),
+            ("pointers", 0, -2, r"sequence 0 starts at byte -2, before byte 0"),
+        ],
+    )
+    def test_negative_or_overlapping_sequences(self, prefix, field, sequence, value, message):
+        _overwrite_index_entry(prefix, field, sequence, value)
+        with pytest.raises(IndexedDatasetError, match=r"data\.idx is corrupt: " + message):
+            IndexedDataset(prefix)
+
+    def test_sequence_beyond_the_bin(self, prefix):
+        _overwrite_index_entry(prefix, "pointers", 3, 10**6)
+        with pytest.raises(IndexedDatasetError, match=r"data\.bin is truncated: \d+ bytes, but .*data\.idx describes 1000004"):
+            IndexedDataset(prefix)
+
     def test_wrong_version(self, prefix):
         with open(prefix + ".idx", "r+b") as stream:
             stream.seek(9)
             stream.write(struct.pack("<Q", 2))
         with pytest.raises(IndexedDatasetError, match="index version 2"):
             IndexedDataset(prefix)
+
+
+def _overwrite_index_entry(prefix, field, sequence, value):
+    """Set one sequence length (int32) or pointer (int64) in the .idx in place."""
+    count = len(IndexedDataset(prefix))
+    header = 9 + 8 + 1 + 8 + 8
+    offset, code = (header + 4 * sequence, "<i") if field == "lengths" else (header + 4 * count + 8 * sequence, "<q")
+    with open(prefix + ".idx", "r+b") as stream:
+        stream.seek(offset)
+        stream.write(struct.pack(code, value))
 
 
 REFERENCE_WRITER = """
