@@ -29,8 +29,8 @@ from megatron.training.arguments import add_tokenizer_args  # noqa: E402
 from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 
-# Megatron-LM hands text to the sentence splitter in slices of this many characters; without sentence
-# splitting each slice becomes its own sequence, which the byte-identical output must reproduce.
+# With --split-sentences Megatron-LM hands text to the sentence splitter in slices of this many characters
+# (a sentence never spans two); without it the whole text is tokenized at once, even when it is empty.
 _TEXT_SLICE_CHARS = 1_000_000
 _INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
 
@@ -196,9 +196,11 @@ class Encoder:
         Encoder.splitter = _build_sentence_splitter(self.args)
 
     def _sentences(self, text: str) -> List[str]:
-        slices = [text[start : start + _TEXT_SLICE_CHARS] for start in range(0, len(text), _TEXT_SLICE_CHARS)]
+        """The pieces tokenized one by one: the text itself (an empty text too, which tokenizers that prepend
+        BOS encode as [BOS]), or its sentences."""
         if Encoder.splitter is None:
-            return slices
+            return [text]
+        slices = [text[start : start + _TEXT_SLICE_CHARS] for start in range(0, len(text), _TEXT_SLICE_CHARS)]
         return [sentence for piece in slices for sentence in Encoder.splitter.tokenize(piece)]
 
     def encode(self, item):
