@@ -3,8 +3,10 @@
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,44 @@ def test_split_sentences_reads_long_documents_in_slices(tmp_path):
     dataset = IndexedDataset(str(tmp_path / "long_text_sentence"))
     assert dataset.document_indices.tolist() == [0, 2]
     assert dataset.sequence_lengths.tolist() == [200_000, 50_001]  # punkt drops the slices' trailing space
+
+
+def _descendants(pid):
+    children = [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _running(pid):
+    """Whether `pid` runs (a zombie nobody reaps has finished)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_partitions_stop_and_leave_nothing_when_the_parent_is_killed(tmp_path, paragraphs):
+    source = write_jsonl(tmp_path / "in.jsonl", paragraphs * 400)
+    flags = ["--input", source, "--output-prefix", tmp_path / "out", "--log-interval", 0, *gpt2_flags(), "--partitions", 2, "--workers", 4]
+    parent = subprocess.Popen([sys.executable, PREPROCESS, *map(str, flags)], start_new_session=True)
+    partitions = []
+    try:
+        deadline = time.time() + 60
+        while (len(partitions) < 6 or not any(".partition1." in name for name in os.listdir(tmp_path))) and time.time() < deadline:
+            time.sleep(0.05)
+            partitions = _descendants(parent.pid)
+        assert len(partitions) == 6 and parent.poll() is None, "two partitions with two tokenizer workers each, writing"
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 5
+        while any(map(_running, partitions)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, partitions)), "the partition processes outlived their parent"
+        assert os.listdir(tmp_path) == ["in.jsonl"]
+    finally:
+        for pid in [parent.pid, *partitions]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def write_punkt_data(root):

@@ -345,9 +345,9 @@ class IndexedDatasetBuilder:
 
     def finalize(self, idx_path: str) -> None:
         """Write the index and move both files to their final names (.bin first, .idx last)."""
-        self._data_file.close()
         idx_tmp_path = _temporary_path(idx_path)
         try:
+            self._data_file.close()  # flushes: may fail on a full disk
             _write_index(idx_tmp_path, self.dtype, self.sequence_lengths, self.document_indices, self.sequence_modes)
         except BaseException:
             _remove_if_present(idx_tmp_path)
@@ -357,9 +357,13 @@ class IndexedDatasetBuilder:
         os.replace(idx_tmp_path, idx_path)
 
     def abort(self) -> None:
-        """Drop everything written so far."""
-        self._data_file.close()
-        _remove_if_present(self._bin_tmp_path)
+        """Drop everything written so far (the temporary file goes even when closing it fails)."""
+        try:
+            self._data_file.close()
+        except OSError:
+            pass  # the data is being thrown away: a failed flush changes nothing
+        finally:
+            _remove_if_present(self._bin_tmp_path)
 
 
 def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> None:

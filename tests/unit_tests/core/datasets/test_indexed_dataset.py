@@ -1,5 +1,6 @@
 """The .bin/.idx writer and reader: exact bytes, round trips, Megatron interop and clear failures."""
 
+import errno
 import json
 import os
 import struct
@@ -105,6 +106,32 @@ def test_unfinished_builder_leaves_no_dataset(tmp_path):
         with IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16) as builder:
             builder.add_document([1, 2], [2])
             raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+
+
+class _FileWhoseCloseFails:
+    """A data file on a full disk: the data goes out when closing flushes it, and the flush fails."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.write = stream.write
+
+    def close(self):
+        self.stream.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("ending", ["finalize", "abort"])
+def test_temporary_files_go_even_when_closing_them_fails(tmp_path, ending):
+    prefix = str(tmp_path / "full")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    builder.add_document([1, 2, 3], [3])
+    builder._data_file = _FileWhoseCloseFails(builder._data_file)
+    if ending == "finalize":
+        with pytest.raises(OSError, match="No space left on device"):
+            builder.finalize(prefix + ".idx")
+    else:
+        builder.abort()
     assert os.listdir(tmp_path) == []
 
 
