@@ -383,8 +383,12 @@ def _poll_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _dataset_files(prefix: str) -> Tuple[str, str]:
+    return get_bin_path(prefix), get_idx_path(prefix)
+
+
 def _remove_dataset(prefix: str) -> None:
-    for path in (get_bin_path(prefix), get_idx_path(prefix)):
+    for path in _dataset_files(prefix):
         if os.path.exists(path):
             os.remove(path)
 
@@ -425,7 +429,7 @@ def encode_partitioned(args, paths: List[str]) -> Progress:
             for key in args.json_keys:
                 merge_datasets([prefixes[key] for prefixes in part_prefixes], output_prefix(args, key))
         except OSError as error:
-            parts = [path for prefixes in part_prefixes for prefix in prefixes.values() for path in (get_bin_path(prefix), get_idx_path(prefix))]
+            parts = [path for prefixes in part_prefixes for prefix in prefixes.values() for path in _dataset_files(prefix)]
             raise_if_disk_full(error, args, sum(os.path.getsize(path) for path in parts if os.path.exists(path)))
             raise
         return progress
@@ -485,7 +489,7 @@ def check_output_folder(output_prefix: str) -> None:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         paths = resolve_inputs(args.input)
         check_output_folder(args.output_prefix)
@@ -499,6 +503,8 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     for skipped in progress.skipped:
         print(f"skipped {skipped}", file=sys.stderr)
     print(f"Done: {progress.rates()}; skipped {len(progress.skipped)} bad records")
