@@ -267,9 +267,9 @@ def _check_token_ids(dataset: IndexedDataset, config: GPTDatasetConfig, path_to_
     token_id_range = _cached_token_id_range(dataset, path_to_cache, config.shared_storage)
     smallest, largest = (int(value) for value in token_id_range)
     if smallest < 0 or largest >= config.vocab_size:
-        bad = f"token id {smallest}" if smallest < 0 else f"token id {largest}"
+        bad = smallest if smallest < 0 else largest
         raise DatasetError(
-            f"dataset {dataset.path_prefix} holds {bad} (ids range from {smallest} to {largest}), outside the "
+            f"dataset {dataset.path_prefix} holds token id {bad} (ids range from {smallest} to {largest}), outside the "
             f"model's vocabulary of {config.vocab_size}; tokenize it with the model's tokenizer (--tokenizer-type, "
             "--vocab-file / --tokenizer-model) or size the vocabulary to fit (--vocab-size, --make-vocab-size-divisible-by)"
         )
