@@ -1,6 +1,8 @@
 """GPT dataset speed: prints the seconds to build the shuffle and blending indices of a two-dataset blend of
 --blend-samples samples, then the sustained samples/s of reading --seq-length samples from a synthetic
-.bin/.idx (written to a temporary folder with IndexedDatasetBuilder), one figure per line.
+.bin/.idx (written to a temporary folder with IndexedDatasetBuilder), then what the checks at build cost on a
+--check-gigabytes .bin: opening it (the .idx layout check and digest) and the token id scan against the
+vocabulary, first (scanning) and again (cached); one figure per line.
 
 Memory stays near 2 GB at the defaults (uint32 shuffle indices, int16 + int64 blending arrays).
 """
@@ -15,7 +17,7 @@ import numpy
 from megatron.core.datasets import helpers
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, _build_shuffle_index
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 EOD = 0
 
@@ -67,12 +69,41 @@ def samples_per_second(prefix: str, cache: str, seq_length: int, num_samples: in
     return num_samples / (time.perf_counter() - start)
 
 
+def write_large_dataset(prefix: str, gigabytes: float, mean_document_tokens: int = 600) -> int:
+    """uint16 random token ids, written in 64 MB batches of documents; returns the number of documents."""
+    rng = numpy.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    tokens_left, documents = int(gigabytes * 2**30) // 2, 0
+    while tokens_left > 0:
+        tokens = rng.integers(0, 50000, size=min(tokens_left, 2**25), dtype=numpy.uint16)
+        lengths = numpy.diff(numpy.unique(numpy.concatenate([[0], rng.integers(1, tokens.size, tokens.size // mean_document_tokens), [tokens.size]])))
+        builder.add_document(tokens, lengths.tolist())
+        tokens_left -= tokens.size
+        documents += lengths.size
+    builder.finalize(prefix + ".idx")
+    return documents
+
+
+def time_checks_at_build(prefix: str, cache: str) -> tuple:
+    """Seconds to open the dataset (layout check, digest), to scan its token ids, and to read them cached."""
+    config = types.SimpleNamespace(mmap_bin_files=True, vocab_size=50257, path_to_cache=cache, shared_storage=True)
+    start = time.perf_counter()
+    dataset = IndexedDataset(prefix)
+    dataset.content_digest
+    opened = time.perf_counter()
+    GPTDataset.build_low_level_dataset(prefix, config)
+    scanned = time.perf_counter()
+    GPTDataset.build_low_level_dataset(prefix, config)
+    return opened - start, scanned - opened, time.perf_counter() - scanned
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--blend-samples", type=int, default=10**8)
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--read-samples", type=int, default=4000)
     parser.add_argument("--dataset-tokens", type=int, default=40 * 10**6, help="Tokens of the synthetic dataset.")
+    parser.add_argument("--check-gigabytes", type=float, default=1.0, help="Size of the .bin the checks run on (0 skips).")
     args = parser.parse_args()
 
     seconds = time_blend_indices(args.blend_samples, [0.3, 0.7])
@@ -81,6 +112,12 @@ def main() -> None:
         write_synthetic_dataset(f"{workdir}/synthetic", args.dataset_tokens, mean_document_tokens=600)
         rate = samples_per_second(f"{workdir}/synthetic", f"{workdir}/cache", args.seq_length, args.read_samples)
     print(f"sustained read (seq_length={args.seq_length}, {args.read_samples} samples): {rate:.0f} samples/s")
+    if args.check_gigabytes > 0:
+        with tempfile.TemporaryDirectory() as workdir:
+            documents = write_large_dataset(f"{workdir}/large", args.check_gigabytes)
+            opening, scan, cached = time_checks_at_build(f"{workdir}/large", f"{workdir}/cache")
+        print(f"checks at build ({args.check_gigabytes:g} GB .bin, {documents} documents, in the page cache): "
+              f"open {opening:.2f} s, token id scan {scan:.2f} s, cached {cached * 1000:.1f} ms")
 
 
 if __name__ == "__main__":

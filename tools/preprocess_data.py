@@ -6,15 +6,22 @@ same input, tokenizer and flags, whatever --workers and --partitions are.
 """
 
 import argparse
+import ctypes
+import errno
 import glob
 import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,8 +36,8 @@ from megatron.training.arguments import add_tokenizer_args  # noqa: E402
 from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 
-# Megatron-LM hands text to the sentence splitter in slices of this many characters; without sentence
-# splitting each slice becomes its own sequence, which the byte-identical output must reproduce.
+# With --split-sentences Megatron-LM hands text to the sentence splitter in slices of this many characters
+# (a sentence never spans two); without it the whole text is tokenized at once, even when it is empty.
 _TEXT_SLICE_CHARS = 1_000_000
 _INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
 
@@ -196,9 +203,11 @@ class Encoder:
         Encoder.splitter = _build_sentence_splitter(self.args)
 
     def _sentences(self, text: str) -> List[str]:
-        slices = [text[start : start + _TEXT_SLICE_CHARS] for start in range(0, len(text), _TEXT_SLICE_CHARS)]
+        """The pieces tokenized one by one: the text itself (an empty text too, which tokenizers that prepend
+        BOS encode as [BOS]), or its sentences."""
         if Encoder.splitter is None:
-            return slices
+            return [text]
+        slices = [text[start : start + _TEXT_SLICE_CHARS] for start in range(0, len(text), _TEXT_SLICE_CHARS)]
         return [sentence for piece in slices for sentence in Encoder.splitter.tokenize(piece)]
 
     def encode(self, item):
@@ -291,14 +300,38 @@ def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefix
                 print(f"{label}processed {progress.rates()}", file=sys.stderr, flush=True)
         for key, builder in builders.items():
             builder.finalize(get_idx_path(prefixes[key]))
-    except BaseException:
+    except BaseException as error:
         for builder in builders.values():
             builder.abort()
+        raise_if_disk_full(error, args, _estimated_output_bytes(args, paths, progress, numpy.dtype(dtype).itemsize))
         raise
     finally:
         if pool:
             pool.terminate()
     return progress
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def raise_if_disk_full(error: BaseException, args, needed_bytes: float) -> None:
+    """A full disk (or a file-size or quota limit) as one line naming the folder and the space the output
+    needs; the temporary files are already gone."""
+    if not isinstance(error, OSError) or error.errno not in _DISK_FULL:
+        return
+    folder = os.path.dirname(os.path.abspath(args.output_prefix))
+    raise PreprocessError(
+        f"no space left on {folder} (needs ~{needed_bytes / 2**30:.1f} GB for the output; {error.strerror}); "
+        "free space there or pick another --output-prefix"
+    ) from None
+
+
+def _estimated_output_bytes(args, paths: List[str], progress: Progress, bytes_per_token: int) -> float:
+    """The input size times the output/input ratio seen so far (about 4 input bytes per token before any),
+    per --json-keys entry, twice with --partitions (the parts and the merged copy coexist)."""
+    ratio = progress.tokens * bytes_per_token / progress.input_bytes if progress.tokens else bytes_per_token / 4
+    input_bytes = sum(os.path.getsize(path) for path in paths)
+    return input_bytes * ratio * len(args.json_keys) * (2 if args.partitions > 1 else 1)
 
 
 def _take(records, start: int, stop: Optional[int]):
@@ -309,18 +342,53 @@ def _take(records, start: int, stop: Optional[int]):
             yield record
 
 
-def _partition_main(args, paths, start, stop, prefixes, workers, label, results) -> None:
-    """Entry of one --partitions process: reports its Progress or its error message to the parent."""
+def _partition_main(args, paths, start, stop, prefixes, workers, label, results, parent_pid) -> None:
+    """Entry of one --partitions process: reports its Progress or its error message to the parent, and
+    stops, leaving no files, as soon as the parent dies (even by SIGKILL)."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    _terminate_when_parent_dies(parent_pid)
     try:
         results.put((label, encode_range(args, paths, start, stop, prefixes, workers, label)))
     except PreprocessError as error:
         results.put((label, str(error)))
     except Exception as error:  # report anything else instead of leaving the parent waiting
         results.put((label, f"{type(error).__name__}: {error}"))
+    except BaseException:
+        for prefix in prefixes.values():
+            _remove_dataset(prefix)
+        raise
+
+
+def _exit_on_signal(signum, frame) -> None:
+    """SIGTERM unwinds like an exception, so the `finally` and `except` blocks remove temporary files."""
+    raise SystemExit(128 + signum)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_when_parent_dies(parent_pid: int) -> None:
+    """SIGTERM this process when `parent_pid` exits: the kernel sends it on Linux (prctl PR_SET_PDEATHSIG),
+    elsewhere a thread polls the parent id."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if libc is None or libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        threading.Thread(target=_poll_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _poll_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _dataset_files(prefix: str) -> Tuple[str, str]:
+    return get_bin_path(prefix), get_idx_path(prefix)
 
 
 def _remove_dataset(prefix: str) -> None:
-    for path in (get_bin_path(prefix), get_idx_path(prefix)):
+    for path in _dataset_files(prefix):
         if os.path.exists(path):
             os.remove(path)
 
@@ -341,7 +409,7 @@ def encode_partitioned(args, paths: List[str]) -> Progress:
         start, stop = index * per_partition, min(total, (index + 1) * per_partition)
         process = multiprocessing.Process(
             target=_partition_main,
-            args=(args, paths, start, stop, part_prefixes[index], workers, f"[partition {index}] ", results),
+            args=(args, paths, start, stop, part_prefixes[index], workers, f"[partition {index}] ", results, os.getpid()),
         )
         process.start()
         processes.append(process)
@@ -357,8 +425,13 @@ def encode_partitioned(args, paths: List[str]) -> Progress:
             progress.tokens += report.tokens
             progress.input_bytes += report.input_bytes
             progress.skipped += report.skipped
-        for key in args.json_keys:
-            merge_datasets([prefixes[key] for prefixes in part_prefixes], output_prefix(args, key))
+        try:
+            for key in args.json_keys:
+                merge_datasets([prefixes[key] for prefixes in part_prefixes], output_prefix(args, key))
+        except OSError as error:
+            parts = [path for prefixes in part_prefixes for prefix in prefixes.values() for path in _dataset_files(prefix)]
+            raise_if_disk_full(error, args, sum(os.path.getsize(path) for path in parts if os.path.exists(path)))
+            raise
         return progress
     finally:
         for process in processes:
@@ -400,14 +473,28 @@ def get_args(argv=None):
     return args
 
 
+def check_output_folder(output_prefix: str) -> None:
+    """Create the --output-prefix folder and write a probe file there, before any tokenizing."""
+    folder = os.path.dirname(os.path.abspath(output_prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = "a file, not a folder" if os.path.isfile(folder) else error.strerror
+        raise PreprocessError(
+            f"--output-prefix {output_prefix}: cannot write in {folder} ({reason}); pick a writable folder"
+        ) from None
+
+
 def main(argv=None) -> int:
     args = get_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        paths = resolve_inputs(args.input)
+        check_output_folder(args.output_prefix)
         build_tokenizer(args)  # fail fast, in this process, on a bad tokenizer flag or file
         _build_sentence_splitter(args)
-        paths = resolve_inputs(args.input)
-        output_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-        os.makedirs(output_dir, exist_ok=True)
         if args.partitions == 1:
             prefixes = {key: output_prefix(args, key) for key in args.json_keys}
             progress = encode_range(args, paths, 0, None, prefixes, args.workers, "")
@@ -416,6 +503,8 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     for skipped in progress.skipped:
         print(f"skipped {skipped}", file=sys.stderr)
     print(f"Done: {progress.rates()}; skipped {len(progress.skipped)} bad records")

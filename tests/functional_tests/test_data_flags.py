@@ -35,6 +35,12 @@ def _wrong_magic(prefix):
         stream.write(b"NOTANIDX\x00")
 
 
+def _negative_first_length(prefix):
+    with open(prefix + ".idx", "r+b") as stream:
+        stream.seek(34)  # the first int32 sequence length, after the 34-byte header
+        stream.write((-5).to_bytes(4, "little", signed=True))
+
+
 CASES = {
     "odd weight/prefix tokens": (lambda prefix, tmp: ["--data-path", f"0.3 {prefix} 0.7"], "needs WEIGHT PREFIX pairs"),
     "negative weight": (lambda prefix, tmp: ["--data-path", f"-1 {prefix} 2 {prefix}"], "must be a positive number"),
@@ -46,6 +52,14 @@ CASES = {
     "wrong magic": (
         lambda prefix, tmp: ["--data-path", _damaged_copy(prefix, tmp, _wrong_magic)],
         "is not a Megatron .idx file",
+    ),
+    "negative sequence length in the .idx": (
+        lambda prefix, tmp: ["--data-path", _damaged_copy(prefix, tmp, _negative_first_length)],
+        r"damaged\.idx is corrupt: sequence 0 has a negative length \(-5\)",
+    ),
+    "token ids beyond the model's vocabulary": (
+        lambda prefix, tmp: ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000"],
+        r"dataset .*tiny holds token id 50256 \(ids range from 7 to 50256\), outside the model's vocabulary of 1024",
     ),
     "sequence too long for the data": (
         lambda prefix, tmp: ["--data-path", prefix, "--split", "1,0,0"],

@@ -3,8 +3,10 @@
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,10 +50,10 @@ def dataset_bytes(prefix):
 
 @pytest.fixture(scope="module")
 def paragraphs():
-    """WikiText-2 paragraphs (blank-line-separated blocks), plus an empty and a non-ASCII document."""
+    """WikiText-2 paragraphs (blank-line-separated blocks), plus empty, whitespace-only and non-ASCII documents."""
     text = shared_path("data/wikitext-2/valid.txt").read_text(encoding="utf-8")
     blocks = [block.strip("\n") for block in text.split("\n \n") if block.strip()]
-    return blocks[:60] + ["", "naïve café – 東京 😀"] + blocks[60:80]
+    return blocks[:60] + ["", "naïve café – 東京 😀", " ", "\n\t  \n", ""] + blocks[60:80]
 
 
 def write_jsonl(path, texts):
@@ -62,18 +64,12 @@ def write_jsonl(path, texts):
 
 
 def megatron_document(text, tokenize, eod, append_eod):
-    """Megatron-LM's preprocess_data.py encoding of one document: the text in slices of 1,000,000
-    characters, each slice one sequence unless it encodes to nothing, EOD appended to the last one."""
-    ids, lengths = [], []
-    for start in range(0, len(text), 1_000_000):
-        piece = tokenize(text[start : start + 1_000_000])
-        if piece:
-            ids += piece
-            lengths.append(len(piece))
+    """Megatron-LM's preprocess_data.py encoding of one document without --split-sentences: the whole text
+    (empty or not) tokenized at once, one sequence unless it encodes to nothing, EOD appended."""
+    ids = tokenize(text)
     if ids and append_eod:
-        ids.append(eod)
-        lengths[-1] += 1
-    return ids, lengths
+        ids = ids + [eod]
+    return ids, [len(ids)] if ids else []
 
 
 REFERENCE_WRITER = """
@@ -120,8 +116,13 @@ def test_bytes_equal_megatron(tmp_path, paragraphs, megatron_datasets, tokenizer
     assert dataset_bytes(ours) == dataset_bytes(str(megatron_datasets / f"{tokenizer}_{append_eod}"))
     dataset = IndexedDataset(ours)
     assert dataset.index.dtype.__name__ == "uint16"
-    assert len(dataset) == len(paragraphs) - 1  # the empty document has no sequence...
-    assert len(dataset.document_indices) == len(paragraphs) + 1  # ...but is still a document
+    assert len(dataset.document_indices) == len(paragraphs) + 1  # an empty text is still a document
+    empty = paragraphs.index("")
+    first, last = dataset.document_indices[empty : empty + 2]
+    if tokenizer == "gpt2":
+        assert first == last  # ... with no sequence: GPT-2 BPE encodes "" as nothing
+    else:  # Llama 2 prepends BOS even to "": one sequence [BOS] (, EOS)
+        assert dataset[int(first)].tolist() == ([1, 2] if append_eod else [1]) and last == first + 1
 
 
 def test_workers_and_partitions_give_identical_bytes(tmp_path):
@@ -196,14 +197,66 @@ def test_merge_tool_equals_one_shot(tmp_path, paragraphs):
     assert dataset_bytes(str(tmp_path / "merged")) == dataset_bytes(whole)
 
 
-def test_document_longer_than_a_slice_becomes_two_sequences(tmp_path):
-    """Megatron-LM tokenizes text in 1,000,000-character slices, each its own sequence."""
+def test_document_longer_than_a_slice_is_one_sequence(tmp_path):
+    """Without --split-sentences Megatron-LM tokenizes a document at once, however long."""
     text = "word " * 250_000
     prefix = preprocess(write_jsonl(tmp_path / "long.jsonl", [text]), tmp_path / "long", *gpt2_flags(), "--append-eod")
     dataset = IndexedDataset(prefix)
+    assert dataset.document_indices.tolist() == [0, 1]
+    assert dataset.sequence_lengths.tolist() == [250_002]  # "word" + 249,999 x " word" + " " + EOD
+
+
+def test_split_sentences_reads_long_documents_in_slices(tmp_path):
+    """With --split-sentences Megatron-LM splits each 1,000,000-character slice on its own, so a sentence
+    never spans two slices."""
+    pytest.importorskip("nltk")
+    source = write_jsonl(tmp_path / "long.jsonl", ["word " * 250_000])
+    result = run_tool(
+        PREPROCESS, "--input", source, "--output-prefix", tmp_path / "long", "--log-interval", 0, "--split-sentences",
+        *gpt2_flags(), "--append-eod", env={"NLTK_DATA": str(write_punkt_data(tmp_path / "nltk"))},
+    )
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(str(tmp_path / "long_text_sentence"))
     assert dataset.document_indices.tolist() == [0, 2]
-    # each slice is "word" + 199,999 x " word" + a final " "; the second also gets the EOD
-    assert dataset.sequence_lengths.tolist() == [200_001, 50_002]
+    assert dataset.sequence_lengths.tolist() == [200_000, 50_001]  # punkt drops the slices' trailing space
+
+
+def _descendants(pid):
+    children = [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _running(pid):
+    """Whether `pid` runs (a zombie nobody reaps has finished)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_partitions_stop_and_leave_nothing_when_the_parent_is_killed(tmp_path, paragraphs):
+    source = write_jsonl(tmp_path / "in.jsonl", paragraphs * 400)
+    flags = ["--input", source, "--output-prefix", tmp_path / "out", "--log-interval", 0, *gpt2_flags(), "--partitions", 2, "--workers", 4]
+    parent = subprocess.Popen([sys.executable, PREPROCESS, *map(str, flags)], start_new_session=True)
+    partitions = []
+    try:
+        deadline = time.time() + 60
+        while (len(partitions) < 6 or not any(".partition1." in name for name in os.listdir(tmp_path))) and time.time() < deadline:
+            time.sleep(0.05)
+            partitions = _descendants(parent.pid)
+        assert len(partitions) == 6 and parent.poll() is None, "two partitions with two tokenizer workers each, writing"
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 5
+        while any(map(_running, partitions)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, partitions)), "the partition processes outlived their parent"
+        assert os.listdir(tmp_path) == ["in.jsonl"]
+    finally:
+        for pid in [parent.pid, *partitions]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def write_punkt_data(root):

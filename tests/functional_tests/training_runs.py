@@ -94,9 +94,9 @@ def run_pretrain(flags, nproc=1, timeout=600):
     return subprocess.run(command(flags, nproc), capture_output=True, text=True, env=_environment(), timeout=timeout, cwd=REPO_ROOT)
 
 
-def run_until(flags, pattern, sig, nproc=1, timeout=600):
-    """Start a run, send `sig` to its whole process group once a stdout line matches `pattern`, and return
-    (returncode, stdout up to the end)."""
+def run_until(flags, pattern, sig, nproc=1, timeout=600, send=None):
+    """Start a run, send `sig` (by default to the training processes, see `signal_trainers`; `send(process,
+    sig, nproc)` chooses others) once a stdout line matches `pattern`, and return (returncode, stdout)."""
     process = subprocess.Popen(
         command(flags, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=_environment(), cwd=REPO_ROOT, start_new_session=True,
@@ -107,7 +107,7 @@ def run_until(flags, pattern, sig, nproc=1, timeout=600):
         for line in process.stdout:
             lines.append(line)
             if not signalled and re.search(pattern, line):
-                _signal_workers(process, sig, nproc)
+                (send or signal_trainers)(process, sig, nproc)
                 signalled = True
         process.wait(timeout=timeout)
     finally:
@@ -118,17 +118,33 @@ def run_until(flags, pattern, sig, nproc=1, timeout=600):
     return process.returncode, "".join(lines)
 
 
-def _signal_workers(process, sig, nproc):
-    """Signal the training processes (torchrun's workers run in sessions of their own), and with SIGKILL
+def _children(pid):
+    return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def signal_trainers(process, sig, nproc):
+    """Signal the training processes only (torchrun's workers run in sessions of their own), and with SIGKILL
     torchrun too, as when a node dies."""
     if nproc == 1:
         os.kill(process.pid, sig)
         return
-    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    for pid in children:
-        os.kill(int(pid), sig)
+    for pid in _children(process.pid):
+        os.kill(pid, sig)
     if sig == signal.SIGKILL:
         os.kill(process.pid, sig)
+
+
+def signal_process_groups(process, sig, nproc):
+    """Signal each training process's whole process group, its DataLoader workers included, as Slurm and
+    Kubernetes do (torchrun starts every worker in a session of its own)."""
+    for pid in _children(process.pid) if nproc > 1 else [process.pid]:
+        os.killpg(pid, sig)
+
+
+def signal_launcher(process, sig, nproc):
+    """Signal torchrun alone; it forwards the signal to each worker's process group (DataLoader workers
+    included), waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) and then exits non-zero itself."""
+    os.kill(process.pid, sig)
 
 
 ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/\s*\d+ \|.*$", re.MULTILINE)

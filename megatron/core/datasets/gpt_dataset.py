@@ -5,6 +5,8 @@ once per epoch, shuffled), the sample index (where each sample starts: document 
 built by the C++ helper) and the shuffle index (a permutation of the samples). They are cached on disk.
 """
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -16,8 +18,8 @@ import torch
 
 from megatron.core.datasets import helpers
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
-from megatron.core.datasets.index_cache import IndexCache, load_or_build
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.index_cache import IndexCache, is_cache_builder_rank, load_or_build
+from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import DatasetError, Split, log_single_rank
 
@@ -49,6 +51,10 @@ class GPTDatasetConfig(BlendedMegatronDatasetConfig):
 
     add_extra_token_to_sequence: bool = True
     """Read sequence_length + 1 tokens per sample so inputs and labels both have sequence_length tokens."""
+
+    vocab_size: Optional[int] = None
+    """The model's vocabulary size (embedding rows): a dataset holding a token id outside [0, vocab_size) is
+    refused when it is built (the scan of its .bin is cached beside the indices). None skips the check."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,7 +92,10 @@ class GPTDataset(MegatronDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig) -> IndexedDataset:
-        return IndexedDataset(dataset_path, multimodal=False, mmap=config.mmap_bin_files)
+        dataset = IndexedDataset(dataset_path, multimodal=False, mmap=config.mmap_bin_files)
+        if config.vocab_size is not None:
+            _check_token_ids(dataset, config, _cache_directory(dataset.path_prefix, config, GPTDataset.__name__))
+        return dataset
 
     @staticmethod
     def _key_config_attributes():
@@ -160,9 +169,7 @@ class GPTDataset(MegatronDataset):
 
     def _build_document_sample_shuffle_indices(self) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """The three indices, from the cache when it holds them, else built (and cached)."""
-        path_to_cache = self.config.path_to_cache
-        if path_to_cache is None and not self.config.mock:
-            path_to_cache = os.path.join(self.dataset.path_prefix, "cache", f"{type(self).__name__}_indices")
+        path_to_cache = None if self.config.mock else _cache_directory(self.dataset.path_prefix, self.config, type(self).__name__)
         cache = None
         if path_to_cache:
             cache = IndexCache(
@@ -245,6 +252,49 @@ class GPTDataset(MegatronDataset):
                 f"one sample of sequence length {self.config.sequence_length} reads; use a shorter --seq-length, "
                 "more data, or a larger share for this split in --split (a share of 0 skips the split)"
             )
+
+
+def _cache_directory(path_prefix: str, config: GPTDatasetConfig, class_name: str) -> Optional[str]:
+    """config.path_to_cache, by default a cache folder beside the dataset's files (Megatron's place)."""
+    if config.path_to_cache is None:
+        return os.path.join(path_prefix, "cache", f"{class_name}_indices")
+    return config.path_to_cache
+
+
+def _check_token_ids(dataset: IndexedDataset, config: GPTDatasetConfig, path_to_cache: Optional[str]) -> None:
+    """Refuse token ids the model has no embedding row for; the .bin is scanned once, then the range is cached
+    (keyed on the index digest and the .bin's size and modification time)."""
+    token_id_range = _cached_token_id_range(dataset, path_to_cache, config.shared_storage)
+    smallest, largest = (int(value) for value in token_id_range)
+    if smallest < 0 or largest >= config.vocab_size:
+        bad = smallest if smallest < 0 else largest
+        raise DatasetError(
+            f"dataset {dataset.path_prefix} holds token id {bad} (ids range from {smallest} to {largest}), outside the "
+            f"model's vocabulary of {config.vocab_size}; tokenize it with the model's tokenizer (--tokenizer-type, "
+            "--vocab-file / --tokenizer-model) or size the vocabulary to fit (--vocab-size, --make-vocab-size-divisible-by)"
+        )
+
+
+def _cached_token_id_range(dataset: IndexedDataset, path_to_cache: Optional[str], shared_storage: bool) -> numpy.ndarray:
+    if not path_to_cache:
+        return numpy.array(dataset.token_id_range())
+    bin_stat = os.stat(get_bin_path(dataset.path_prefix))
+    description = json.dumps(
+        {"index_digest": dataset.content_digest, "bin_bytes": bin_stat.st_size, "bin_mtime_ns": bin_stat.st_mtime_ns}
+    )
+    cache = IndexCache(
+        path_to_cache,
+        description,
+        hashlib.md5(description.encode("utf-8")).hexdigest(),
+        "IndexedDataset",
+        ("token_id_range",),
+    )
+    arrays = cache.load()
+    if arrays is None:
+        arrays = {"token_id_range": numpy.array(dataset.token_id_range(), dtype=numpy.int64)}
+        if is_cache_builder_rank(shared_storage):
+            cache.save(arrays)
+    return arrays["token_id_range"]
 
 
 def _build_document_index(

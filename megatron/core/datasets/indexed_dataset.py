@@ -4,11 +4,12 @@ The byte layout is fixed by Megatron-LM (see docs/FORMATS.md) so that datasets m
 this project. Reading is by numpy memmap, never a full-file load.
 """
 
+import hashlib
 import os
 import struct
 from enum import Enum
 from functools import cached_property
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy
 from megatron.core.errors import UserError
@@ -17,6 +18,9 @@ _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_VERSION = 1
 # magic, version (uint64), dtype code (uint8), sequence count (uint64), document count (uint64)
 _HEADER_SIZE = len(_INDEX_MAGIC) + 8 + 1 + 8 + 8
+# Elements per step of the vectorised checks: bounded memory (~100 MB of temporaries) for 10^8 sequences.
+_CHUNK = 1 << 23
+_CACHE_SIZED_CHUNK = 1 << 18
 
 
 class DType(Enum):
@@ -146,6 +150,45 @@ class _IndexReader:
         itemsize = numpy.dtype(self.dtype).itemsize
         return int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize
 
+    def check_layout(self, idx_path: str) -> None:
+        """Every length non-negative and every sequence starting at or after the end of the one before (the
+        first at or after byte 0), so no read can go negative or overlap; vectorised, in chunks."""
+        itemsize = numpy.dtype(self.dtype).itemsize
+        previous_end = 0
+        for start in range(0, self.sequence_count, _CHUNK):
+            lengths = self.sequence_lengths[start : start + _CHUNK]
+            pointers = self.sequence_pointers[start : start + _CHUNK]
+            negative = numpy.flatnonzero(lengths < 0)
+            if negative.size:
+                index = start + int(negative[0])
+                raise IndexedDatasetError(
+                    f"{idx_path} is corrupt: sequence {index} has a negative length ({int(lengths[negative[0]])}); "
+                    "re-run tools/preprocess_data.py to rebuild it"
+                )
+            ends = lengths.astype(numpy.int64)
+            ends *= itemsize
+            ends += pointers
+            overlapping = numpy.flatnonzero(pointers[1:] < ends[:-1])
+            if pointers[0] < previous_end or overlapping.size:
+                offset = 0 if pointers[0] < previous_end else int(overlapping[0]) + 1
+                index = start + offset
+                end_before = previous_end if offset == 0 else int(ends[offset - 1])
+                where = "before byte 0" if index == 0 else f"inside sequence {index - 1}, which ends at byte {end_before}"
+                raise IndexedDatasetError(
+                    f"{idx_path} is corrupt: sequence {index} starts at byte {int(pointers[offset])}, {where}; "
+                    "re-run tools/preprocess_data.py to rebuild it"
+                )
+            previous_end = int(ends[-1])
+
+    def content_digest(self) -> str:
+        """A digest of what the sample indices are built from (dtype, sequence lengths): a dataset rewritten
+        under the same prefix gets another one. SHA-1 of 4 bytes per sequence: about 1 s per 10^8 sequences."""
+        digest = hashlib.sha1(usedforsecurity=False)
+        digest.update(f"{numpy.dtype(self.dtype).name} {self.sequence_count}".encode())
+        for start in range(0, self.sequence_count, _CHUNK):
+            digest.update(numpy.ascontiguousarray(self.sequence_lengths[start : start + _CHUNK]).data)
+        return digest.hexdigest()
+
 
 class IndexedDataset:
     """Read-only view of a PREFIX.bin / PREFIX.idx pair, indexed by sequence."""
@@ -161,6 +204,7 @@ class IndexedDataset:
                 "prefix without .bin/.idx, as written by tools/preprocess_data.py (e.g. PREFIX_text_document)"
             )
         self.index = _IndexReader(idx_path, multimodal)
+        self.index.check_layout(idx_path)
         bin_size = os.path.getsize(bin_path)
         expected_bin_size = self.index.data_size_in_bytes()
         if bin_size < expected_bin_size:
@@ -214,6 +258,22 @@ class IndexedDataset:
     @cached_property
     def num_tokens(self) -> int:
         return int(self.index.sequence_lengths.sum(dtype=numpy.int64))
+
+    @cached_property
+    def content_digest(self) -> str:
+        return self.index.content_digest()
+
+    def token_id_range(self) -> Tuple[int, int]:
+        """(smallest, largest) token id of the data the index describes, scanned in chunks; (0, -1) when empty."""
+        itemsize = numpy.dtype(self.index.dtype).itemsize
+        tokens = numpy.frombuffer(self._data, dtype=self.index.dtype, count=self.index.data_size_in_bytes() // itemsize)
+        if tokens.size == 0:
+            return 0, -1
+        smallest, largest = int(tokens[0]), int(tokens[0])
+        for start in range(0, tokens.size, _CACHE_SIZED_CHUNK):  # min then max while the chunk is in the CPU cache
+            chunk = tokens[start : start + _CACHE_SIZED_CHUNK]
+            smallest, largest = min(smallest, int(chunk.min())), max(largest, int(chunk.max()))
+        return smallest, largest
 
     @staticmethod
     def exists(path_prefix: str) -> bool:
@@ -285,9 +345,9 @@ class IndexedDatasetBuilder:
 
     def finalize(self, idx_path: str) -> None:
         """Write the index and move both files to their final names (.bin first, .idx last)."""
-        self._data_file.close()
         idx_tmp_path = _temporary_path(idx_path)
         try:
+            self._data_file.close()  # flushes: may fail on a full disk
             _write_index(idx_tmp_path, self.dtype, self.sequence_lengths, self.document_indices, self.sequence_modes)
         except BaseException:
             _remove_if_present(idx_tmp_path)
@@ -297,9 +357,13 @@ class IndexedDatasetBuilder:
         os.replace(idx_tmp_path, idx_path)
 
     def abort(self) -> None:
-        """Drop everything written so far."""
-        self._data_file.close()
-        _remove_if_present(self._bin_tmp_path)
+        """Drop everything written so far (the temporary file goes even when closing it fails)."""
+        try:
+            self._data_file.close()
+        except OSError:
+            pass  # the data is being thrown away: a failed flush changes nothing
+        finally:
+            _remove_if_present(self._bin_tmp_path)
 
 
 def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> None:

@@ -110,8 +110,10 @@ class MegatronDataset(ABC, torch.utils.data.Dataset):
 
 
 def _describe_size(dataset: Any) -> Dict[str, int]:
-    """What identifies the low-level dataset's content cheaply: a rewritten dataset gets a fresh cache."""
+    """What identifies the low-level dataset's content: a dataset rewritten under the same prefix (other
+    document lengths) gets fresh indices."""
     description = {"sequences": len(dataset)}
     if isinstance(dataset, IndexedDataset):
         description["bin_bytes"] = dataset.index.data_size_in_bytes()
+        description["index_digest"] = dataset.content_digest
     return description

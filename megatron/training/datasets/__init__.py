@@ -26,6 +26,7 @@ def core_gpt_dataset_config_from_args(args, tokenizer) -> GPTDatasetConfig:
         create_attention_mask=args.create_attention_mask_in_dataloader,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
         shared_storage=not args.no_shared_storage,
+        vocab_size=getattr(args, "padded_vocab_size", None),
     )
 
 

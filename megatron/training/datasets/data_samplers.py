@@ -4,6 +4,7 @@ Both samplers hand each data-parallel rank its slice of every global batch and s
 so a resumed run reads exactly the batches an uninterrupted run would have read next.
 """
 
+import signal
 from typing import Iterator, List, Optional
 
 import torch
@@ -133,4 +134,12 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, args) -> Optio
         num_workers=args.num_workers,
         pin_memory=args.device == "cuda",
         persistent_workers=args.num_workers > 0,
+        worker_init_fn=ignore_exit_signals,
     )
+
+
+def ignore_exit_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: schedulers signal the whole process group, and a worker
+    dying first would fail the training process before it can save; the training process stops them itself."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

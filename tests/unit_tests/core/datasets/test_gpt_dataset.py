@@ -1,5 +1,6 @@
 """GPTDataset: samples are the right slices of the .bin, epochs wrap, the seed fixes the order, indices cache."""
 
+import contextlib
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset, _get_ltor_masks_and_position_ids
-from megatron.core.datasets.indexed_dataset import IndexedDatasetError
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megatron.core.datasets.utils import DatasetError
 
 from .conftest import EOD, gpt_config, recognisable_documents, write_dataset
@@ -106,14 +107,47 @@ def test_cache_is_reused_and_invalidated_by_a_changed_parameter(dataset_prefix, 
 
 
 def test_default_cache_is_beside_the_data(dataset_prefix):
-    build_train(dataset_prefix, 10)
+    build_train(dataset_prefix, 10, vocab_size=60000)
     folder = os.path.join(dataset_prefix, "cache", "GPTDataset_indices")
     assert sorted(name.split("-", 1)[1] for name in os.listdir(folder)) == [
         "GPTDataset-train-description.txt",
         "GPTDataset-train-document_index.npy",
         "GPTDataset-train-sample_index.npy",
         "GPTDataset-train-shuffle_index.npy",
+        "IndexedDataset-description.txt",
+        "IndexedDataset-token_id_range.npy",
     ]
+
+
+def test_rewritten_dataset_under_the_same_prefix_gets_fresh_indices(tmp_path):
+    """Same prefix, same sequence count and .bin size, other document lengths: the cached indices must not be
+    reused (they would cut samples at the old boundaries)."""
+    cache = str(tmp_path / "cache")
+    first_documents = recognisable_documents(60, seed=0)
+    prefix = write_dataset(str(tmp_path / "corpus"), first_documents)
+    assert_samples_are_slices_of_the_stream(build_train(prefix, 20, path_to_cache=cache), first_documents)
+
+    lengths = [len(document) for document in first_documents]
+    rewritten = [list(range(d * 1000 + 1, d * 1000 + length)) + [EOD] for d, length in enumerate(lengths[::-1])]
+    assert lengths != lengths[::-1]
+    write_dataset(prefix, rewritten)
+    assert_samples_are_slices_of_the_stream(build_train(prefix, 20, path_to_cache=cache), rewritten)
+
+
+@pytest.mark.parametrize("vocab_size, refused", [(59015, True), (59016, False)])
+def test_token_ids_beyond_the_vocabulary_are_refused_once_scanned(dataset_prefix, documents, tmp_path, monkeypatch, vocab_size, refused):
+    assert max(max(document) for document in documents) == 59015
+    message = rf"dataset .*corpus holds token id 59015 \(ids range from 0 to 59015\), outside the model's vocabulary of {vocab_size}; "
+    for _ in range(2):  # the first build scans the .bin, the second must read the cached range
+        with pytest.raises(DatasetError, match=message) if refused else contextlib.nullcontext():
+            build_train(dataset_prefix, 20, path_to_cache=str(tmp_path / "cache"), vocab_size=vocab_size)
+        monkeypatch.setattr(IndexedDataset, "token_id_range", lambda self: pytest.fail("the .bin was scanned twice"))
+
+
+def test_negative_token_ids_are_refused(tmp_path):
+    prefix = write_dataset(str(tmp_path / "signed"), [[5, -3, EOD]] * 20)
+    with pytest.raises(DatasetError, match=r"holds token id -3 \(ids range from -3 to 5\)"):
+        build_train(prefix, 2, path_to_cache=str(tmp_path / "cache"), vocab_size=100, sequence_length=4)
 
 
 def reference_masks(tokens, reset_position_ids, reset_attention_mask, eod_mask_loss):

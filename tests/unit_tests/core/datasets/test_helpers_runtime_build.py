@@ -31,11 +31,13 @@ def remove_build_state_files(tmp_path):
 
 
 def source_checkout_without_the_module(root: Path) -> Path:
-    """The megatron.core.datasets sources, helpers.cpp included, but no compiled helpers_cpp."""
+    """The megatron.core.datasets sources, helpers.cpp included (and the errors module it imports), but no
+    compiled helpers_cpp."""
     package = root / "megatron" / "core" / "datasets"
     package.mkdir(parents=True)
     for init in (root / "megatron", root / "megatron" / "core", package):
         (init / "__init__.py").touch()
+    shutil.copy(PACKAGE.parent / "errors.py", package.parent / "errors.py")
     for name in ("helpers.py", "helpers.cpp"):
         shutil.copy(PACKAGE / name, package / name)
     return package

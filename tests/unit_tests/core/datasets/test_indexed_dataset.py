@@ -1,5 +1,6 @@
 """The .bin/.idx writer and reader: exact bytes, round trips, Megatron interop and clear failures."""
 
+import errno
 import json
 import os
 import struct
@@ -108,6 +109,32 @@ def test_unfinished_builder_leaves_no_dataset(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+class _FileWhoseCloseFails:
+    """A data file on a full disk: the data goes out when closing flushes it, and the flush fails."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.write = stream.write
+
+    def close(self):
+        self.stream.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("ending", ["finalize", "abort"])
+def test_temporary_files_go_even_when_closing_them_fails(tmp_path, ending):
+    prefix = str(tmp_path / "full")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    builder.add_document([1, 2, 3], [3])
+    builder._data_file = _FileWhoseCloseFails(builder._data_file)
+    if ending == "finalize":
+        with pytest.raises(OSError, match="No space left on device"):
+            builder.finalize(prefix + ".idx")
+    else:
+        builder.abort()
+    assert os.listdir(tmp_path) == []
+
+
 class TestBadFiles:
     @pytest.fixture
     def prefix(self, tmp_path):
@@ -137,12 +164,40 @@ class TestBadFiles:
         with pytest.raises(IndexedDatasetError, match="not a Megatron .idx file"):
             IndexedDataset(prefix)
 
+    @pytest.mark.parametrize(
+        "field, sequence, value, message",
+        [
+            ("lengths", 3, -72000, r"sequence 3 has a negative length \(-72000\)"),
+            ("pointers", 2, 4, r"sequence 2 starts at byte 4, inside sequence 1, which ends at byte 8"),
+            ("pointers", 0, -2, r"sequence 0 starts at byte -2, before byte 0"),
+        ],
+    )
+    def test_negative_or_overlapping_sequences(self, prefix, field, sequence, value, message):
+        _overwrite_index_entry(prefix, field, sequence, value)
+        with pytest.raises(IndexedDatasetError, match=r"data\.idx is corrupt: " + message):
+            IndexedDataset(prefix)
+
+    def test_sequence_beyond_the_bin(self, prefix):
+        _overwrite_index_entry(prefix, "pointers", 3, 10**6)
+        with pytest.raises(IndexedDatasetError, match=r"data\.bin is truncated: \d+ bytes, but .*data\.idx describes 1000004"):
+            IndexedDataset(prefix)
+
     def test_wrong_version(self, prefix):
         with open(prefix + ".idx", "r+b") as stream:
             stream.seek(9)
             stream.write(struct.pack("<Q", 2))
         with pytest.raises(IndexedDatasetError, match="index version 2"):
             IndexedDataset(prefix)
+
+
+def _overwrite_index_entry(prefix, field, sequence, value):
+    """Set one sequence length (int32) or pointer (int64) in the .idx in place."""
+    count = len(IndexedDataset(prefix))
+    header = 9 + 8 + 1 + 8 + 8
+    offset, code = (header + 4 * sequence, "<i") if field == "lengths" else (header + 4 * count + 8 * sequence, "<q")
+    with open(prefix + ".idx", "r+b") as stream:
+        stream.seek(offset)
+        stream.write(struct.pack(code, value))
 
 
 REFERENCE_WRITER = """
