@@ -34,6 +34,21 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.utils import divide
 
 
+# Megatron parameter name in MLASelfAttention -> HF DeepSeek-V2/V3 name under `model.layers.N.self_attn.`. The
+# tensors copy unchanged at TP = 1: kv_b_proj rows are per head [k_nope; v] like linear_kv_up_proj, and the
+# rotated channels stay in DeepSeek's interleaved order (de-interleaved by the rotary code, as in HF).
+MLA_HF_NAMES = {
+    "linear_q_proj.weight": "q_proj.weight",
+    "linear_q_down_proj.weight": "q_a_proj.weight",
+    "q_layernorm.weight": "q_a_layernorm.weight",
+    "linear_q_up_proj.weight": "q_b_proj.weight",
+    "linear_kv_down_proj.weight": "kv_a_proj_with_mqa.weight",
+    "kv_layernorm.weight": "kv_a_layernorm.weight",
+    "linear_kv_up_proj.weight": "kv_b_proj.weight",
+    "linear_proj.weight": "o_proj.weight",
+}
+
+
 @dataclass
 class MLASelfAttentionSubmodules:
     linear_q_proj: Union[ModuleSpec, type] = None
