@@ -311,6 +311,7 @@ class MLATransformerConfig(TransformerConfig):
         super().__post_init__()
         self._check_latent_sizes()
         self._check_mla_rope()
+        self._check_latent_split()
 
     def _check_latent_sizes(self):
         if self.kv_lora_rank is None or self.kv_lora_rank <= 0:
@@ -330,10 +331,13 @@ class MLATransformerConfig(TransformerConfig):
                 f"multi-latent attention has one key/value head per query head; drop --group-query-attention "
                 f"(--num-query-groups {self.num_query_groups} != --num-attention-heads {self.num_attention_heads})"
             )
+
+    def _check_latent_split(self):
         tp = self.tensor_model_parallel_size
-        latents = {"--q-lora-rank": self.q_lora_rank, "--kv-lora-rank + --qk-pos-emb-head-dim": (
-            self.kv_lora_rank + self.qk_pos_emb_head_dim
-        )}
+        latents = {
+            "--q-lora-rank": self.q_lora_rank,
+            "--kv-lora-rank + --qk-pos-emb-head-dim": self.kv_lora_rank + self.qk_pos_emb_head_dim,
+        }
         for flag, width in latents.items():
             if width is not None and width % tp:
                 raise ConfigError(

@@ -192,6 +192,7 @@ BAD_CONFIGS = {
     "kv_lora_rank_missing": (dict(kv_lora_rank=None), "--kv-lora-rank"),
     "q_lora_rank_zero": (dict(q_lora_rank=0), "--q-lora-rank"),
     "odd_rope_dim": (dict(qk_pos_emb_head_dim=7), "--qk-pos-emb-head-dim 7"),
+    "rope_dim_missing": (dict(qk_pos_emb_head_dim=None), "--qk-pos-emb-head-dim None"),
     "odd_rotated_share": (dict(rope_type="rope", rotary_percent=0.5, qk_pos_emb_head_dim=6), "--rotary-percent"),
     "v_head_dim_zero": (dict(v_head_dim=0), "--v-head-dim"),
     "unknown_rope_type": (dict(rope_type="ntk"), "--rope-type"),
