@@ -21,7 +21,8 @@ class InferenceParams:
     def update_key_value(
         self, layer_number: int, key: torch.Tensor, value: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values ([s, b, groups, head_dim]) and return every cached one so far."""
+        """Store this step's keys/values ([s, b, ...], e.g. [s, b, groups, head_dim]) and return every cached one
+        so far."""
         start = self.sequence_len_offset
         end = start + key.size(0)
         batch = key.size(1)
@@ -31,10 +32,12 @@ class InferenceParams:
                 f"{self.max_sequence_length} x {self.max_batch_size}"
             )
         if layer_number not in self.key_value_memory_dict:
-            shape = (self.max_sequence_length, self.max_batch_size) + tuple(key.shape[2:])
-            self.key_value_memory_dict[layer_number] = (
-                torch.empty(shape, dtype=key.dtype, device=key.device),
-                torch.empty(shape, dtype=value.dtype, device=value.device),
+            # Keys and values may differ in shape (MLA caches its kv latent and its rotated key part).
+            self.key_value_memory_dict[layer_number] = tuple(
+                torch.empty(
+                    (self.max_sequence_length, self.max_batch_size) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device
+                )
+                for t in (key, value)
             )
         key_cache, value_cache = self.key_value_memory_dict[layer_number]
         key_cache[start:end, :batch] = key

@@ -18,6 +18,7 @@ MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none
 MOE_DISPATCHERS = ("allgather", "alltoall")
 MOE_DROP_POLICIES = ("probs", "position")
 MOE_ROUTER_DTYPES = ("fp32", "fp64")
+MLA_ROPE_TYPES = ("rope", "yarn")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TransformerConfig(ModelParallelConfig):
     bias_activation_fusion: bool = False
     """With GeLU this selects Megatron's fused bias-GeLU, the tanh approximation (GPT-2's "gelu_new")."""
     rotary_interleaved: bool = False
+    multi_latent_attention: bool = False
+    """True for MLATransformerConfig (DeepSeek's multi-latent attention)."""
 
     init_method: Optional[Callable] = None
     output_layer_init_method: Optional[Callable] = None
@@ -272,6 +275,102 @@ class TransformerConfig(ModelParallelConfig):
             raise ConfigError(
                 f"--moe-aux-loss-coeff needs one value per --moe-router-load-balancing-type ({len(types)}), "
                 f"got {coeffs}"
+            )
+
+
+@dataclass
+class MLATransformerConfig(TransformerConfig):
+    """A transformer with multi-latent attention (DeepSeek-V2/V3; Megatron-core field names and defaults).
+
+    Query and key heads are qk_head_dim channels without position plus qk_pos_emb_head_dim rotated ones; keys
+    and values are up-projected from a kv_lora_rank latent, queries from a q_lora_rank latent (None: from the
+    hidden states directly). The rotary fields configure MLA's own rotary embedding of the rotated channels.
+    """
+
+    multi_latent_attention: bool = True
+    q_lora_rank: Optional[int] = 512
+    """Width of the query latent; None projects queries straight from the hidden states (linear_q_proj)."""
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    """Channels of each query/key head that carry no position (HF qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: int = 64
+    """Rotated channels of each query/key head (HF qk_rope_head_dim); the key part is shared by all heads."""
+    v_head_dim: int = 128
+    normalization: str = "RMSNorm"
+    rope_type: str = "yarn"
+    rotary_base: float = 10000
+    rotary_percent: float = 1.0
+    rotary_scaling_factor: float = 40
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32
+    beta_slow: float = 1
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_latent_sizes()
+        self._check_mla_rope()
+        self._check_latent_split()
+
+    def _check_latent_sizes(self):
+        if self.kv_lora_rank is None or self.kv_lora_rank <= 0:
+            raise ConfigError(
+                f"multi-latent attention needs --kv-lora-rank, the width of the key/value latent (DeepSeek-V3: 512), "
+                f"got {self.kv_lora_rank}"
+            )
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(
+                f"--q-lora-rank must be positive, or omitted for queries without a latent, got {self.q_lora_rank}"
+            )
+        for flag, width in (("--qk-head-dim", self.qk_head_dim), ("--v-head-dim", self.v_head_dim)):
+            if width is None or width <= 0:
+                raise ConfigError(f"{flag} must be positive for multi-latent attention, got {width}")
+        if self.num_query_groups != self.num_attention_heads:
+            raise ConfigError(
+                f"multi-latent attention has one key/value head per query head; drop --group-query-attention "
+                f"(--num-query-groups {self.num_query_groups} != --num-attention-heads {self.num_attention_heads})"
+            )
+
+    def _check_latent_split(self):
+        tp = self.tensor_model_parallel_size
+        latents = {
+            "--q-lora-rank": self.q_lora_rank,
+            "--kv-lora-rank + --qk-pos-emb-head-dim": self.kv_lora_rank + self.qk_pos_emb_head_dim,
+        }
+        for flag, width in latents.items():
+            if width is not None and width % tp:
+                raise ConfigError(
+                    f"{flag} ({width}) must be divisible by --tensor-model-parallel-size {tp}: the latent "
+                    "down-projections are split over tensor-parallel ranks"
+                )
+
+    def _check_mla_rope(self):
+        _check_choice("--rope-type", self.rope_type, MLA_ROPE_TYPES)
+        rotated = self.qk_pos_emb_head_dim
+        if self.rope_type == "rope" and rotated is not None:
+            rotated = int(rotated * self.rotary_percent)
+        if rotated is None or rotated <= 0 or rotated % 2:
+            raise ConfigError(
+                f"--qk-pos-emb-head-dim {self.qk_pos_emb_head_dim} (x --rotary-percent for rope) must give a "
+                f"positive, even number of rotated channels, got {rotated}"
+            )
+        if self.rotary_interleaved:
+            raise ConfigError(
+                "--rotary-interleaved does not apply to multi-latent attention, which always reads its rotated "
+                "channels in DeepSeek's interleaved layout"
+            )
+        if self.rope_type != "yarn":
+            return
+        if self.rotary_scaling_factor <= 0 or self.original_max_position_embeddings <= 0:
+            raise ConfigError(
+                f"YaRN needs a positive --rotary-scaling-factor ({self.rotary_scaling_factor}) and "
+                f"--original-max-position-embeddings ({self.original_max_position_embeddings})"
+            )
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ConfigError(
+                f"YaRN needs 0 < --beta-slow < --beta-fast, got --beta-slow {self.beta_slow} "
+                f"--beta-fast {self.beta_fast}"
             )
 
 

@@ -90,11 +90,24 @@ def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
-    """Rotate the leading freqs.size(-1) channels of t ([s, b, n, d]) by the angles freqs ([s, 1, 1, r])."""
+def apply_rotary_pos_emb(
+    t: torch.Tensor,
+    freqs: torch.Tensor,
+    config: TransformerConfig,
+    mscale: float = 1.0,
+    mla_rotary_interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate the leading freqs.size(-1) channels of t ([s, b, n, d]) by the angles freqs ([s, 1, 1, r]).
+
+    `mscale` multiplies cos and sin (YaRN's magnitude correction). `mla_rotary_interleaved` reads the rotated
+    channels as DeepSeek's interleaved pairs (x0, x1), (x2, x3) ...: they are de-interleaved (even channels,
+    then odd) before an ordinary rotate-half rotation, so the output comes back in de-interleaved order, as in
+    HF's `apply_rotary_pos_emb_interleave`."""
     rotary_dim = freqs.size(-1)
     t_rotary, t_pass = t[..., :rotary_dim], t[..., rotary_dim:]
-    cos = torch.cos(freqs).to(t.dtype)
-    sin = torch.sin(freqs).to(t.dtype)
+    if mla_rotary_interleaved:
+        t_rotary = torch.cat((t_rotary[..., 0::2], t_rotary[..., 1::2]), dim=-1)
+    cos = (torch.cos(freqs) * mscale).to(t.dtype)
+    sin = (torch.sin(freqs) * mscale).to(t.dtype)
     t_rotary = t_rotary * cos + _rotate_half(t_rotary, config.rotary_interleaved) * sin
     return torch.cat((t_rotary, t_pass), dim=-1)
