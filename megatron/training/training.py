@@ -358,7 +358,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sch
         micro_batch_size=args.micro_batch_size,
         forward_only=False,
     )
-    loss_dict = _reduce_losses(losses_reduced) if parallel_state.is_pipeline_last_stage() else {}
+    loss_dict = _reduce_losses(losses_reduced) if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else {}
     update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
     # Checked after the step, whose collectives every rank must join; a bad step is never saved.
     if args.check_for_nan_in_loss_and_grad:
@@ -465,7 +465,7 @@ def evaluate(forward_step_func, data_iterator, model):
                 forward_only=True,
             )
             args.consumed_valid_samples += args.global_batch_size
-            if parallel_state.is_pipeline_last_stage():
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 for key, value in _reduce_losses(reports).items():
                     sums[key] = sums.get(key, 0.0) + value
     for model_chunk in model:

@@ -18,12 +18,12 @@ def _allreduce_embedding_grads(model: List[torch.nn.Module]) -> None:
     the same optimizer step and stay equal."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
-    if not parallel_state.is_rank_in_embedding_group():
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
         return
     group = parallel_state.get_embedding_group()
     if group is None or torch.distributed.get_world_size(group) == 1:
         return
-    if parallel_state.is_pipeline_first_stage():
+    if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         model_chunk = model[0]
     else:
         model_chunk = model[-1]
