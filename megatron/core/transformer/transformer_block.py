@@ -16,7 +16,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def layer_offset_and_count_for_this_rank(config: TransformerConfig, vp_stage: Optional[int] = None):
-    """(first global layer index, number of layers) of this rank's model chunk."""
+    """(first global layer index, number of layers) of this rank's model chunk (`vp_stage` None: the
+    virtual stage parallel_state is set to, as Megatron-LM's model providers expect)."""
+    if vp_stage is None:
+        vp_stage = parallel_state.get_virtual_pipeline_model_parallel_rank()
     return layer_offset_and_count(
         config.num_layers,
         parallel_state.get_pipeline_model_parallel_world_size(),
