@@ -39,7 +39,7 @@ from megatron.training.global_vars import (
     get_wandb_writer,
 )
 from megatron.training.initialize import initialize_megatron
-from megatron.training.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.training.training_log import TrainingLogger, build_logging_writers, print_args
 from megatron.training.utils import (
     TrainingError,

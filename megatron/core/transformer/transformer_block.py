@@ -84,7 +84,7 @@ class TransformerBlock(MegatronModule):
             for start, stop, recomputed in self._layer_groups(recompute):
                 if recomputed:
                     hidden_states = checkpoint(
-                        self._run_layers(start, stop, None), hidden_states, attention_mask, rotary_pos_emb
+                        self._run_layers(start, stop, None), False, hidden_states, attention_mask, rotary_pos_emb
                     )
                 else:
                     hidden_states = self._run_layers(start, stop, inference_params)(
@@ -97,7 +97,9 @@ class TransformerBlock(MegatronModule):
     def _run_layers(self, start: int, stop: int, inference_params: Optional[InferenceParams]):
         def run(hidden_states, attention_mask, rotary_pos_emb):
             for layer in self.layers[start:stop]:
-                hidden_states = layer(hidden_states, attention_mask, inference_params, rotary_pos_emb)
+                output = layer(hidden_states, attention_mask, inference_params, rotary_pos_emb)
+                # Core layers return (hidden_states, context) as in Megatron-core; legacy layers a tensor.
+                hidden_states = output[0] if isinstance(output, tuple) else output
             return hidden_states
 
         return run
