@@ -324,3 +324,20 @@ def test_preprocess_encoder_encodes_a_json_line(gpt2_files):
     assert ids == {"text": [15496, 995, 50256]} and lengths == {"text": [3]} and size == len(line)
     with pytest.raises(ValueError, match="malformed JSON"):
         encoder.encode("{not json")
+
+
+def test_yaml_cfg_sections_set_flags_and_build_the_transformer_config(tmp_path):
+    from megatron.training.arguments import parse_args
+    from megatron.training.yaml_arguments import core_transformer_config_from_yaml
+
+    config_file = tmp_path / "gpt.yaml"
+    config_file.write_text(
+        "language_model:\n  num_layers: 3\n  hidden_size: 64\n  num_attention_heads: 4\n  activation_func: swiglu\n"
+        "  layernorm_epsilon: 1.e-6\n  layernorm_zero_centered_gamma: true\n"
+        "model_parallel:\n  tensor_model_parallel_size: 1\n  params_dtype: null\n"
+    )
+    args = parse_args(args_list=["--yaml-cfg", str(config_file), "--num-layers", "2"])
+    assert args.num_layers == 2 and args.hidden_size == 64  # the command line wins over the file
+    assert args.language_model.num_layers == 3
+    config = core_transformer_config_from_yaml(args, "language_model")
+    assert (config.num_layers, config.hidden_size, config.gated_linear_unit, config.layernorm_epsilon) == (3, 64, True, 1e-6)
