@@ -1,9 +1,17 @@
-"""Build this rank's GPT model from parsed flags: the legacy stack with --use-legacy-models, else mcore."""
+"""Build this rank's GPT model from parsed flags: the legacy stack with --use-legacy-models, else mcore.
+
+pretrain_gpt.py's model_provider calls gpt_builder; the checkpoint and generation tools call it directly.
+"""
 
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import import_module
 from megatron.legacy.model import GPTModel as LegacyGPTModel
 from megatron.training.model_config import ModelArgumentsError, core_transformer_config_from_args
+from megatron.training.yaml_arguments import core_transformer_config_from_yaml
 
 
 def gpt_model_kwargs(args) -> dict:
@@ -32,19 +40,26 @@ def gpt_model_kwargs(args) -> dict:
     )
 
 
+def transformer_layer_spec_from_args(args):
+    """The layer spec: --spec's, else Transformer Engine's (--transformer-impl transformer_engine), else local."""
+    if getattr(args, "spec", None) is not None:
+        return import_module(args.spec)
+    num_experts, moe_grouped_gemm = getattr(args, "num_experts", None), getattr(args, "moe_grouped_gemm", False)
+    if getattr(args, "transformer_impl", "local") == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts, moe_grouped_gemm, args.qk_layernorm, getattr(args, "fp8", None)
+        )
+    return get_gpt_layer_local_spec(num_experts, moe_grouped_gemm, args.qk_layernorm)
+
+
 def gpt_builder(args, pre_process: bool = True, post_process: bool = True, vp_stage=None, config=None):
     """The model chunk for this rank (`pre_process`: holds the embedding, `post_process`: the output layer)."""
+    if config is None and getattr(args, "yaml_cfg", None) is not None:
+        config = core_transformer_config_from_yaml(args, "language_model")
     if config is None:
         config = core_transformer_config_from_args(args)
     kwargs = gpt_model_kwargs(args)
     if args.use_legacy_models:
         return LegacyGPTModel(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, **kwargs)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
+    spec = transformer_layer_spec_from_args(args)
     return GPTModel(config, spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, **kwargs)
-
-
-def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None):
-    """pretrain_gpt.py's model provider: the model the global args describe."""
-    from megatron.training.global_vars import get_args
-
-    return gpt_builder(get_args(), pre_process, post_process, vp_stage)

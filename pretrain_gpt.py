@@ -3,47 +3,49 @@
     torchrun --nproc-per-node N pretrain_gpt.py MODEL_FLAGS DATA_FLAGS TRAINING_FLAGS
     python pretrain_gpt.py ...            (one process; CPU + gloo when there is no GPU)
 
-The model comes from gpt_builders.model_provider (--use-legacy-models selects the legacy stack), the
-datasets from megatron.training.datasets; this file only turns a batch into a loss.
+Laid out like Megatron-LM's pretrain_gpt.py: model_provider, get_batch, loss_func, forward_step and
+train_valid_test_datasets_provider handed to megatron.training.pretrain. The model comes from
+gpt_builders.gpt_builder (--use-legacy-models selects the legacy stack, --spec a custom layer spec), the
+datasets from megatron.training.datasets.
 """
 
 from functools import partial
 
 import torch
 
-from gpt_builders import model_provider
-from megatron.core import parallel_state
-from megatron.training.global_vars import get_args
-from megatron.training.training import pretrain
+from gpt_builders import gpt_builder
+from megatron.core import mpu
+from megatron.core.enums import ModelType
+from megatron.core.utils import StragglerDetector
+from megatron.training import get_args, get_timers, pretrain, print_rank_0
+from megatron.training.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+
+stimer = StragglerDetector()
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None):
+    """This rank's model (chunk): `pre_process` holds the embedding, `post_process` the output layer."""
+    print_rank_0("building GPT model ...")
+    return gpt_builder(get_args(), pre_process, post_process, vp_stage)
 
 
 def get_batch(data_iterator):
-    """The next micro batch on this rank's device: tokens, labels, loss_mask, attention_mask, position_ids.
+    """tokens, labels, loss_mask, attention_mask, position_ids of the next micro batch on this rank.
 
-    Only the pipeline stages that embed tokens or compute the loss read the data; a middle stage (or
-    model chunk) gets its input from the previous stage and returns Nones without consuming a batch.
+    Only the pipeline stages that embed tokens or compute the loss read the data; a middle stage (or model
+    chunk) gets its input from the previous stage and returns Nones without consuming a batch.
     """
-    if not (
-        parallel_state.is_pipeline_first_stage(ignore_virtual=False)
-        or parallel_state.is_pipeline_last_stage(ignore_virtual=False)
-    ):
+    if not (mpu.is_pipeline_first_stage() or mpu.is_pipeline_last_stage()):
         return None, None, None, None, None
-    args = get_args()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    batch = next(data_iterator)
-    attention_mask = batch.get("attention_mask")
-    return (
-        batch["tokens"].to(device, non_blocking=True),
-        batch["labels"].to(device, non_blocking=True),
-        batch["loss_mask"].to(device, non_blocking=True),
-        attention_mask.to(device, non_blocking=True) if attention_mask is not None else None,
-        batch["position_ids"].to(device, non_blocking=True),
-    )
+    batch = get_batch_on_this_tp_rank(data_iterator)
+    batch = get_batch_on_this_cp_rank(batch)
+    return batch.values()
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """(sum of masked per-token losses, token count, report): the schedule divides by the count, and the
-    report's [sum, count] gives the exact token mean over micro batches and data-parallel ranks."""
+    """(sum of masked per-token losses, token count, report): the schedule divides by the count (unless
+    --calculate-per-token-loss), and the report's [sum, count] gives the exact token mean over micro batches
+    and data-parallel ranks."""
     losses = output_tensor.float().reshape(-1)
     loss_mask = loss_mask.reshape(-1).float()
     loss = torch.sum(losses * loss_mask)
@@ -54,18 +56,33 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """Per-token losses of one micro batch, and the function that reduces them."""
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    with stimer(bdata=True):
+        tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+    timers("batch-generator").stop()
+    with stimer:
+        output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
     return output_tensor, partial(loss_func, loss_mask)
 
 
-if __name__ == "__main__":
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    """The train, validation and test datasets (GPT datasets, or mock data with --mock-data)."""
     # Imported here so that bench/ and tests can reuse forward_step without the data pipeline.
-    from megatron.training.datasets import train_valid_test_datasets_provider
+    from megatron.training.datasets import train_valid_test_datasets_provider as build_datasets
 
+    return build_datasets(train_val_test_num_samples)
+
+
+# Every rank builds (memory-maps) the datasets itself.
+train_valid_test_datasets_provider.is_distributed = True
+
+
+if __name__ == "__main__":
     pretrain(
         train_valid_test_datasets_provider,
         model_provider,
+        ModelType.encoder_or_decoder,
         forward_step,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
     )

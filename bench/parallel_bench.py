@@ -48,7 +48,7 @@ def worker(flags):
     sys.path.insert(0, BENCH_DIR)
     import torch.distributed as dist
     import train_bench
-    from gpt_builders import model_provider
+    from pretrain_gpt import model_provider
     from megatron.training.global_vars import get_args
     from megatron.training.initialize import initialize_megatron
     from megatron.training.training import setup_model_and_optimizer, update_train_iters

@@ -19,13 +19,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt_builders import model_provider  # noqa: E402
 from megatron.training.flops import num_floating_point_operations  # noqa: E402
 from megatron.training.global_vars import get_args  # noqa: E402
 from megatron.training.initialize import initialize_megatron  # noqa: E402
 from megatron.training.training import setup_model_and_optimizer, train_step, update_train_iters  # noqa: E402
 from megatron.training.utils import device_peak_tflops, peak_memory_gib, print_rank_0  # noqa: E402
-from pretrain_gpt import forward_step  # noqa: E402
+from pretrain_gpt import forward_step, model_provider  # noqa: E402
 
 LLAMA_STYLE_FLAGS = [
     "--normalization", "RMSNorm",

@@ -210,7 +210,15 @@ class Encoder:
         slices = [text[start : start + _TEXT_SLICE_CHARS] for start in range(0, len(text), _TEXT_SLICE_CHARS)]
         return [sentence for piece in slices for sentence in Encoder.splitter.tokenize(piece)]
 
-    def encode(self, item):
+    def encode(self, json_line):
+        """Megatron-LM's call: one JSON line -> (ids per key, sequence lengths per key, input bytes); a bad
+        line raises ValueError with the reason."""
+        result = self.encode_record((None, json_line))
+        if isinstance(result, BadRecord):
+            raise ValueError(result.reason)
+        return result
+
+    def encode_record(self, item):
         """(location, record) -> (ids per key, sequence lengths per key, input bytes) or a BadRecord."""
         location, record = item
         size = len(record.encode("utf-8")) if isinstance(record, str) else 0
@@ -283,7 +291,7 @@ def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefix
     records = _take(iter_records(paths, args.json_keys), start, stop)
     pool = multiprocessing.Pool(workers, initializer=encoder.initializer) if workers > 1 else None
     try:
-        encoded = pool.imap(encoder.encode, records, 64) if pool else map(encoder.encode, records)
+        encoded = pool.imap(encoder.encode_record, records, 64) if pool else map(encoder.encode_record, records)
         for result in encoded:
             if isinstance(result, BadRecord):
                 if not args.skip_bad_lines:

@@ -18,6 +18,8 @@ class ModelParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     """Shard norms and dropout along the sequence over the tensor-parallel ranks."""
 
@@ -32,6 +34,8 @@ class ModelParallelConfig:
     params_dtype: torch.dtype = torch.float32
 
     # Read by the pipeline schedules (set by the training loop).
+    timers: Optional[Callable] = None
+    """megatron.training.get_timers(): the schedules time 'forward-compute' and 'backward-compute' with it."""
     pipeline_dtype: Optional[torch.dtype] = None
     grad_scale_func: Optional[Callable] = None
     no_sync_func: Optional[Callable] = None

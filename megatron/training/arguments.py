@@ -7,6 +7,7 @@ import argparse
 import difflib
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -28,9 +29,16 @@ def parse_args(extra_args_provider=None, ignore_unknown_args=False, args_list=No
     config_file = _config_file_from(argv)
     if config_file is not None:
         parser.set_defaults(**_read_yaml_config(parser, config_file))
+    yaml_cfg = _config_file_from(argv, "--yaml-cfg")
+    yaml_sections = {}
+    if yaml_cfg is not None:
+        yaml_defaults, yaml_sections = _read_yaml_cfg_sections(parser, yaml_cfg)
+        parser.set_defaults(**yaml_defaults)
     args, unknown = parser.parse_known_args(argv)
     if unknown and not ignore_unknown_args:
         parser.error(_describe_unknown_flags(parser, unknown))
+    for name, section in yaml_sections.items():
+        setattr(args, name, SimpleNamespace(**section))
     return args
 
 
@@ -57,12 +65,12 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help for every flag)\n")
 
 
-def _config_file_from(argv):
-    """The --config path in argv, read before the full parse so the file can supply defaults."""
+def _config_file_from(argv, flag="--config"):
+    """The path `flag` names in argv, read before the full parse so the file can supply defaults."""
     pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre_parser.add_argument("--config", type=str, default=None)
+    pre_parser.add_argument(flag, type=str, default=None, dest="path")
     known, _ = pre_parser.parse_known_args(argv)
-    return known.config
+    return known.path
 
 
 def _actions_by_config_key(parser):
@@ -104,6 +112,39 @@ def _read_yaml_config(parser, path):
         except (TypeError, ValueError) as error:
             parser.error(f"--config {path}: bad value {value!r} for {key!r}: {error}")
     return defaults
+
+
+def _read_yaml_cfg_sections(parser, path):
+    """Megatron-LM's experimental --yaml-cfg file: mappings by section (language_model, model_parallel, ...).
+
+    Returns ({dest: value} for every key that names one of our flags: it sets that flag, the command line
+    winning; {section: its whole mapping}, kept as args.<section> for core_transformer_config_from_yaml,
+    which also reads the TransformerConfig fields that are not flags here).
+    """
+    try:
+        with open(path) as config_file:
+            config = yaml.safe_load(config_file) or {}
+    except OSError as error:
+        parser.error(f"--yaml-cfg {path}: cannot read the file ({error.strerror})")
+    except yaml.YAMLError as error:
+        parser.error(f"--yaml-cfg {path} is not valid YAML: {error}")
+    if not isinstance(config, dict):
+        parser.error(f"--yaml-cfg {path} must be a mapping of sections, not a {type(config).__name__}")
+    actions = _actions_by_config_key(parser)
+    sections = {name: value for name, value in config.items() if isinstance(value, dict)}
+    settings = {key: value for key, value in config.items() if key not in sections}
+    for section in sections.values():
+        settings.update(section)
+    defaults = {}
+    for key, value in settings.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or value is None:
+            continue
+        try:
+            defaults[action.dest] = _config_value(action, str(key), value)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--yaml-cfg {path}: bad value {value!r} for {key!r}: {error}")
+    return defaults, sections
 
 
 def _config_value(action, key, value):
@@ -179,6 +220,7 @@ def validate_args(args, defaults=None):
     _validate_data_args(args)
     _validate_data_parallel_args(args)
     _validate_pipeline_args(args)
+    _validate_megatron_api_args(args)
     args.consumed_train_samples = 0
     args.skipped_train_samples = 0
     args.consumed_valid_samples = 0
@@ -1139,6 +1181,76 @@ def _validate_pipeline_args(args):
     )
 
 
+def _add_megatron_api_args(parser):
+    """Megatron-LM core_v0.9.0 flags that its scripts read: layer specs, yaml configs, per-token loss, the
+    rank order, and the sizes of features that come later (context / expert parallelism, MoE, FP8)."""
+    group = parser.add_argument_group(title="megatron api")
+    group.add_argument(
+        "--spec",
+        type=str,
+        default=None,
+        nargs="*",
+        help="<module> <function or attribute> returning the ModuleSpec of a transformer layer "
+        "(megatron.core.transformer.spec_utils.import_module).",
+    )
+    group.add_argument(
+        "--yaml-cfg",
+        type=str,
+        default=None,
+        help="Megatron-LM's experimental sectioned YAML config (language_model, model_parallel, ...); keys that "
+        "name flags set them (the command line wins).",
+    )
+    group.add_argument(
+        "--calculate-per-token-loss",
+        action="store_true",
+        help="Average the loss over all non-padded tokens of the global batch instead of per micro batch.",
+    )
+    group.add_argument("--context-parallel-size", type=int, default=1, help="Context-parallel size.")
+    group.add_argument("--expert-model-parallel-size", type=int, default=1, help="Expert-parallel size.")
+    group.add_argument("--num-experts", type=int, default=None, help="Experts per MoE layer (None: dense MLP).")
+    group.add_argument("--moe-grouped-gemm", action="store_true", help="Grouped GEMM for the experts.")
+    group.add_argument("--fp8", default=None, choices=["e4m3", "hybrid"], help="FP8 training format.")
+    group.add_argument("--fp8-param-gather", action="store_true", help="Keep FP8 parameters for the gather.")
+    group.add_argument(
+        "--use-tp-pp-dp-mapping",
+        action="store_true",
+        help="Order ranks tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp (pipeline stages on neighbouring ranks).",
+    )
+    group.add_argument(
+        "--nccl-communicator-config-path",
+        type=str,
+        default=None,
+        help="YAML of NCCL options (min_ctas, max_ctas, cga_cluster_size) per process group.",
+    )
+    group.add_argument(
+        "--timing-log-level", type=int, default=0, choices=range(0, 3), help="Highest log_level of get_timers() timers that run."
+    )
+    group.add_argument(
+        "--timing-log-option", type=str, default="minmax", choices=["max", "minmax", "all"], help="How timers are reduced."
+    )
+    return parser
+
+
+def _validate_megatron_api_args(args):
+    """Flags accepted for Megatron's scripts whose features come with later issues: one clear error each."""
+    not_yet = {
+        "--context-parallel-size": args.context_parallel_size != 1,
+        "--expert-model-parallel-size": args.expert_model_parallel_size != 1,
+        "--num-experts (MoE)": args.num_experts is not None,
+        "--fp8": args.fp8 is not None,
+        "--fp8-param-gather": args.fp8_param_gather,
+    }
+    for flag, used in not_yet.items():
+        _require(not used, f"{flag} is not supported yet; leave it at its default")
+
+
+def core_transformer_config_from_args(args, config_class=None):
+    """Megatron-LM's path for megatron.training.model_config.core_transformer_config_from_args."""
+    from megatron.training.model_config import core_transformer_config_from_args as from_args  # model_config imports this module
+
+    return from_args(args) if config_class is None else from_args(args, config_class)
+
+
 ARGUMENT_GROUPS = [
     add_tokenizer_args,
     _add_training_args,
@@ -1156,4 +1268,5 @@ ARGUMENT_GROUPS = [
     add_model_stack_args,
     add_data_args,
     _add_pipeline_args,
+    _add_megatron_api_args,
 ]

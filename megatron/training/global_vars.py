@@ -9,12 +9,14 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.training import tokenizer
 from megatron.training.dist_signal_handler import DistributedSignalHandler
+from megatron.training.timers import Timers
 
 _GLOBAL_ARGS = None
 _GLOBAL_TOKENIZER = None
 _GLOBAL_TENSORBOARD_WRITER = None
 _GLOBAL_WANDB_WRITER = None
 _GLOBAL_SIGNAL_HANDLER = None
+_GLOBAL_TIMERS = None
 
 
 def _ensure_set(value, name: str):
@@ -36,6 +38,11 @@ def get_tokenizer():
     return _ensure_set(_GLOBAL_TOKENIZER, "tokenizer")
 
 
+def get_timers() -> Timers:
+    """The run's named timers (Megatron-LM's get_timers), created with the args' --timing-log-level."""
+    return _ensure_set(_GLOBAL_TIMERS, "timers")
+
+
 def get_tensorboard_writer():
     """The TensorBoard SummaryWriter on the logging rank, else None."""
     return _GLOBAL_TENSORBOARD_WRITER
@@ -52,8 +59,9 @@ def get_signal_handler():
 
 def set_global_variables(args, build_tokenizer: bool = True) -> None:
     """Install args, the micro-batch calculator, the tokenizer and (with --exit-signal-handler) the handler."""
-    global _GLOBAL_TOKENIZER, _GLOBAL_SIGNAL_HANDLER
+    global _GLOBAL_TOKENIZER, _GLOBAL_SIGNAL_HANDLER, _GLOBAL_TIMERS
     set_args(args)
+    _GLOBAL_TIMERS = Timers(args.timing_log_level, args.timing_log_option)
     destroy_num_microbatches_calculator()
     init_num_microbatches_calculator(
         args.rank,
@@ -78,10 +86,11 @@ def set_logging_writers(tensorboard_writer, wandb_writer) -> None:
 def destroy_global_vars() -> None:
     """Forget every singleton (tests run several trainings in one process)."""
     global _GLOBAL_ARGS, _GLOBAL_TOKENIZER, _GLOBAL_TENSORBOARD_WRITER, _GLOBAL_WANDB_WRITER, _GLOBAL_SIGNAL_HANDLER
+    global _GLOBAL_TIMERS
     if _GLOBAL_TENSORBOARD_WRITER is not None:
         _GLOBAL_TENSORBOARD_WRITER.close()
     if _GLOBAL_SIGNAL_HANDLER is not None:
         _GLOBAL_SIGNAL_HANDLER.release()
     _GLOBAL_ARGS = _GLOBAL_TOKENIZER = _GLOBAL_TENSORBOARD_WRITER = _GLOBAL_WANDB_WRITER = None
-    _GLOBAL_SIGNAL_HANDLER = None
+    _GLOBAL_SIGNAL_HANDLER = _GLOBAL_TIMERS = None
     destroy_num_microbatches_calculator()

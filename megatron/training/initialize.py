@@ -19,8 +19,18 @@ from megatron.training.global_vars import get_args, set_global_variables
 from megatron.training.utils import print_rank_0
 
 
-def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unknown_args=False, args_list=None):
-    """Parse flags (`args_list`, else sys.argv), validate them, initialise torch.distributed and seed."""
+def initialize_megatron(
+    extra_args_provider=None,
+    args_defaults=None,
+    ignore_unknown_args=False,
+    args_list=None,
+    get_embedding_ranks=None,
+    get_position_embedding_ranks=None,
+):
+    """Parse flags (`args_list`, else sys.argv), validate them, initialise torch.distributed and seed.
+
+    `get_embedding_ranks` / `get_position_embedding_ranks` go to parallel_state.initialize_model_parallel.
+    """
     args = parse_args(extra_args_provider, ignore_unknown_args, args_list)
     if args.use_checkpoint_args:
         load_args_from_checkpoint(args)
@@ -28,12 +38,12 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     if args.save is not None:
         check_save_directory(args.save)
     set_global_variables(args)
-    _initialize_distributed(args)
+    _initialize_distributed(args, get_embedding_ranks, get_position_embedding_ranks)
     set_random_seed(args.seed, args.data_parallel_random_init)
     return get_args()
 
 
-def _initialize_distributed(args):
+def _initialize_distributed(args, get_embedding_ranks=None, get_position_embedding_ranks=None):
     """The default process group (single process: an in-memory store) and the model-parallel groups."""
     if args.device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
@@ -53,7 +63,13 @@ def _initialize_distributed(args):
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            nccl_communicator_config_path=args.nccl_communicator_config_path,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
+            order="tp-cp-ep-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
+            get_embedding_ranks=get_embedding_ranks,
+            get_position_embedding_ranks=get_position_embedding_ranks,
         )
     print_rank_0(
         f"> initialized torch.distributed ({args.distributed_backend}) on {args.device}: world size "

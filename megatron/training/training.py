@@ -7,6 +7,7 @@ evaluation. User errors (bad flags, bad checkpoints, a NaN loss) end the run wit
 """
 
 import contextlib
+import inspect
 import math
 import random
 import sys
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
@@ -32,14 +34,16 @@ from megatron.training.global_vars import (
     destroy_global_vars,
     get_args,
     get_signal_handler,
+    get_timers,
     get_tensorboard_writer,
     get_wandb_writer,
 )
 from megatron.training.initialize import initialize_megatron
-from megatron.training.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.training.training_log import TrainingLogger, build_logging_writers, print_args
 from megatron.training.utils import (
     TrainingError,
+    is_last_rank,
     print_datetime,
     print_error,
     print_line,
@@ -51,22 +55,48 @@ from megatron.training.utils import (
 _TRAIN_START_TIME = time.time()
 
 
+class ModelTypeError(UserError, ValueError):
+    """A model type this training loop cannot run."""
+
+
 def pretrain(
     train_valid_test_dataset_provider,
     model_provider,
+    model_type,
     forward_step_func,
+    process_non_loss_data_func=None,
     extra_args_provider=None,
-    args_defaults=None,
+    args_defaults={},
+    get_embedding_ranks=None,
+    get_position_embedding_ranks=None,
     args_list=None,
 ):
-    """Train a model end to end from command-line flags (`args_list`, else sys.argv).
+    """Train a model end to end from command-line flags (`args_list`, else sys.argv); Megatron-LM's signature.
 
-    `model_provider(pre_process, post_process)` builds this rank's model; `train_valid_test_dataset_provider(
-    [train, valid, test sample counts])` returns the three datasets; `forward_step_func(data_iterator, model)`
-    returns (output, loss_func). Exits with status 1 and one message on a user error.
+    `model_provider(pre_process, post_process)` builds this rank's model; `model_type` is
+    ModelType.encoder_or_decoder (the only kind supported); `train_valid_test_dataset_provider([train, valid,
+    test sample counts])` returns the three datasets, on every rank when it has `is_distributed = True`, else
+    on tensor-parallel rank 0 only (the others receive batches by broadcast: get_batch_on_this_tp_rank);
+    `forward_step_func(data_iterator, model)` returns (output, loss_func). `process_non_loss_data_func(
+    collected, iteration, writer)` receives, at each evaluation, what loss_func(output, non_loss_data=True)
+    returned on the last rank. `get_embedding_ranks` / `get_position_embedding_ranks` choose the stages that
+    share embeddings (see parallel_state.initialize_model_parallel). Exits with status 1 and one message on a
+    user error.
     """
     try:
-        _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func, extra_args_provider, args_defaults, args_list)
+        if model_type != ModelType.encoder_or_decoder:
+            raise ModelTypeError(f"pretrain supports ModelType.encoder_or_decoder models only, not {model_type}")
+        _pretrain(
+            train_valid_test_dataset_provider,
+            model_provider,
+            forward_step_func,
+            process_non_loss_data_func,
+            extra_args_provider,
+            args_defaults,
+            args_list,
+            get_embedding_ranks,
+            get_position_embedding_ranks,
+        )
     except UserError as error:
         print_error(str(error))
         sys.exit(1)
@@ -82,8 +112,24 @@ def _shut_down():
         dist.destroy_process_group()
 
 
-def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func, extra_args_provider, args_defaults, args_list):
-    initialize_megatron(extra_args_provider, args_defaults, args_list=args_list)
+def _pretrain(
+    train_valid_test_dataset_provider,
+    model_provider,
+    forward_step_func,
+    process_non_loss_data_func,
+    extra_args_provider,
+    args_defaults,
+    args_list,
+    get_embedding_ranks,
+    get_position_embedding_ranks,
+):
+    initialize_megatron(
+        extra_args_provider,
+        args_defaults,
+        args_list=args_list,
+        get_embedding_ranks=get_embedding_ranks,
+        get_position_embedding_ranks=get_position_embedding_ranks,
+    )
     args = get_args()
     _agree_on_start_time(args)
     print_args(args)
@@ -104,7 +150,8 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
     if not args.skip_train and args.train_iters > 0:
         print_rank_0("training ...")
         iteration, exited_early = train(
-            forward_step_func, model, optimizer, opt_param_scheduler, train_iterator, valid_iterator
+            forward_step_func, model, optimizer, opt_param_scheduler, train_iterator, valid_iterator,
+            process_non_loss_data_func,
         )
         print_datetime("after training is done")
         if args.save and iteration != 0 and iteration != args.last_saved_iteration:
@@ -113,10 +160,14 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
         return
     if valid_iterator is not None and args.eval_iters > 0:
         evaluate_and_print_results(
-            f"iteration {iteration} on validation set", forward_step_func, valid_iterator, model, iteration
+            f"iteration {iteration} on validation set", forward_step_func, valid_iterator, model, iteration,
+            process_non_loss_data_func,
         )
     if test_iterator is not None and args.eval_iters > 0:
-        evaluate_and_print_results(f"iteration {iteration} on test set", forward_step_func, test_iterator, model, iteration)
+        evaluate_and_print_results(
+            f"iteration {iteration} on test set", forward_step_func, test_iterator, model, iteration,
+            process_non_loss_data_func,
+        )
 
 
 def _agree_on_start_time(args):
@@ -158,17 +209,25 @@ def _build_model_chunks(model_provider_func, args) -> list:
     """
     virtual_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(virtual_size) if virtual_size is not None else [None]
+    # Megatron-LM's providers take (pre_process, post_process) and read the virtual stage from parallel_state.
+    takes_vp_stage = "vp_stage" in inspect.signature(model_provider_func).parameters
+    chunks = []
     with torch.random.fork_rng(devices=[], enabled=bool(args.use_cpu_initialization)):
         if args.use_cpu_initialization:
             torch.manual_seed(args.seed)
-        return [
-            model_provider_func(
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                **({} if stage is None else {"vp_stage": stage}),
+        for stage in stages:
+            if stage is not None:
+                parallel_state.set_virtual_pipeline_model_parallel_rank(stage)
+            chunks.append(
+                model_provider_func(
+                    pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                    post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                    **({"vp_stage": stage} if stage is not None and takes_vp_stage else {}),
+                )
             )
-            for stage in stages
-        ]
+    if virtual_size is not None:
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    return chunks
 
 
 def get_model(model_provider_func):
@@ -279,6 +338,7 @@ def setup_model_and_optimizer(model_provider_func):
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
+    config.timers = get_timers()
     return model, optimizer, opt_param_scheduler
 
 
@@ -309,7 +369,13 @@ def build_train_valid_test_data_iterators(train_valid_test_dataset_provider):
     for name, count in zip(("train", "validation", "test"), num_samples):
         print_rank_0(f"    {name + ':':<12}{count}")
     with _rng_neutral():
-        train_ds, valid_ds, test_ds = train_valid_test_dataset_provider(num_samples)
+        # Megatron-LM: a provider without `is_distributed` builds on tensor-parallel rank 0 only.
+        if getattr(train_valid_test_dataset_provider, "is_distributed", False) or (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+        ):
+            train_ds, valid_ds, test_ds = train_valid_test_dataset_provider(num_samples)
+        else:
+            train_ds = valid_ds = test_ds = None
         train_loader = build_pretraining_data_loader(train_ds, args.consumed_train_samples, args)
         valid_loader = build_pretraining_data_loader(valid_ds, args.consumed_valid_samples, args)
         test_loader = build_pretraining_data_loader(test_ds, 0, args)
@@ -320,18 +386,26 @@ def build_train_valid_test_data_iterators(train_valid_test_dataset_provider):
 def _reduce_losses(losses_reduced):
     """{name: mean over the step's micro batches and data-parallel ranks} from the per-micro-batch reports.
 
-    A report value is [sum, count] (averaged as sum / count) or an already averaged scalar.
+    A report value is [sum, count] (a tensor of two, or Megatron's (sum, count) tuple: averaged as
+    sum / count) or an already averaged scalar.
     """
     if not losses_reduced:
         return {}
     reduced = {}
     for key in losses_reduced[0]:
-        values = torch.vstack([report[key].detach().float().view(-1) for report in losses_reduced]).sum(dim=0)
+        values = torch.vstack([_report_tensor(report[key]) for report in losses_reduced]).sum(dim=0)
         if values.numel() == 1:
             values = torch.cat([values, torch.tensor([float(len(losses_reduced))], device=values.device)])
         dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
         reduced[key] = (values[0] / values[1].clamp(min=1)).item()
     return reduced
+
+
+def _report_tensor(value) -> torch.Tensor:
+    """A report value as a flat float tensor ([sum, count] or [mean])."""
+    if isinstance(value, (tuple, list)):
+        return torch.stack([torch.as_tensor(item).detach().float().reshape(()) for item in value])
+    return torch.as_tensor(value).detach().float().view(-1)
 
 
 def _check_finite(name: str, value, iteration: int):
@@ -358,7 +432,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sch
         micro_batch_size=args.micro_batch_size,
         forward_only=False,
     )
-    loss_dict = _reduce_losses(losses_reduced) if parallel_state.is_pipeline_last_stage() else {}
+    loss_dict = _reduce_losses(losses_reduced) if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else {}
     update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
     # Checked after the step, whose collectives every rank must join; a bad step is never saved.
     if args.check_for_nan_in_loss_and_grad:
@@ -406,7 +480,15 @@ def checkpoint_and_decide_exit(model, optimizer, opt_param_scheduler, iteration)
     return False
 
 
-def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_iterator, valid_data_iterator):
+def train(
+    forward_step_func,
+    model,
+    optimizer,
+    opt_param_scheduler,
+    train_data_iterator,
+    valid_data_iterator,
+    process_non_loss_data_func=None,
+):
     """Steps from args.iteration to --train-iters; returns (last iteration, whether an exit condition stopped it)."""
     args = get_args()
     for model_chunk in model:
@@ -438,15 +520,17 @@ def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_i
         with logger.paused():
             if valid_data_iterator is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
                 evaluate_and_print_results(
-                    f"iteration {iteration}", forward_step_func, valid_data_iterator, model, iteration
+                    f"iteration {iteration}", forward_step_func, valid_data_iterator, model, iteration,
+                    process_non_loss_data_func,
                 )
             if checkpoint_and_decide_exit(model, optimizer, opt_param_scheduler, iteration):
                 return iteration, True
     return iteration, False
 
 
-def evaluate(forward_step_func, data_iterator, model):
-    """Mean of each reported loss over --eval-iters global batches, without gradients."""
+def evaluate(forward_step_func, data_iterator, model, process_non_loss_data_func=None):
+    """(mean of each reported loss over --eval-iters global batches, without gradients; with
+    `process_non_loss_data_func`, the last rank's collected non-loss data of one more pass, else None)."""
     args = get_args()
     for model_chunk in model:
         model_chunk.eval()
@@ -465,18 +549,32 @@ def evaluate(forward_step_func, data_iterator, model):
                 forward_only=True,
             )
             args.consumed_valid_samples += args.global_batch_size
-            if parallel_state.is_pipeline_last_stage():
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 for key, value in _reduce_losses(reports).items():
                     sums[key] = sums.get(key, 0.0) + value
+        collected_non_loss_data = None
+        if process_non_loss_data_func is not None and is_last_rank():
+            collected_non_loss_data = forward_backward_func(
+                forward_step_func=forward_step_func,
+                data_iterator=data_iterator,
+                model=model,
+                num_microbatches=eval_num_microbatches,
+                seq_length=getattr(args, "seq_length", None),
+                micro_batch_size=args.micro_batch_size,
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
     for model_chunk in model:
         model_chunk.train()
-    return {key: total / args.eval_iters for key, total in sums.items()}
+    return {key: total / args.eval_iters for key, total in sums.items()}, collected_non_loss_data
 
 
-def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration):
+def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration, process_non_loss_data_func=None):
     """Megatron-LM's framed validation line (loss and perplexity), also sent to TensorBoard / wandb."""
-    losses = evaluate(forward_step_func, data_iterator, model)
+    losses, collected_non_loss_data = evaluate(forward_step_func, data_iterator, model, process_non_loss_data_func)
     writer, wandb_writer = get_tensorboard_writer(), get_wandb_writer()
+    if collected_non_loss_data is not None:
+        process_non_loss_data_func(collected_non_loss_data, iteration, writer)
     line = f" validation loss at {prefix} | "
     for key, value in losses.items():
         perplexity = math.exp(min(20.0, value))

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.errors import UserError
+from megatron.training.global_vars import get_args
 
 
 class TrainingError(UserError, RuntimeError):
@@ -64,6 +65,70 @@ def unwrap_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+# What each pipeline stage reads from a batch (a middle stage reads nothing), and each field's dtype.
+_BATCH_DTYPES = {
+    "tokens": torch.int64,
+    "labels": torch.int64,
+    "loss_mask": torch.float32,
+    "attention_mask": torch.bool,
+    "position_ids": torch.int64,
+}
+_FIRST_STAGE_FIELDS = ("tokens", "attention_mask", "position_ids")
+_LAST_STAGE_FIELDS = ("labels", "loss_mask", "attention_mask")
+
+
+def _batch_fields_of_this_stage():
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    return [name for name in _BATCH_DTYPES if (first and name in _FIRST_STAGE_FIELDS) or (last and name in _LAST_STAGE_FIELDS)]
+
+
+def get_batch_on_this_tp_rank(data_iterator) -> dict:
+    """The next micro batch on this rank's device: tensor-parallel rank 0 reads it and broadcasts it to the
+    other tensor-parallel ranks (which hold no data iterator). Fields the pipeline stage does not use are
+    None, as is attention_mask without --create-attention-mask-in-dataloader (Megatron-LM's contract)."""
+    args = get_args()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    shapes = {name: (args.micro_batch_size, args.seq_length) for name in _BATCH_DTYPES}
+    shapes["attention_mask"] = (args.micro_batch_size, 1, args.seq_length, args.seq_length)
+    fields = _batch_fields_of_this_stage()
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        data = next(data_iterator)
+        batch = {
+            name: data[name].to(device, _BATCH_DTYPES[name], non_blocking=True) if data.get(name) is not None else None
+            for name in _BATCH_DTYPES
+        }
+    else:
+        batch = {name: torch.empty(shapes[name], dtype=_BATCH_DTYPES[name], device=device) for name in _BATCH_DTYPES}
+        if not args.create_attention_mask_in_dataloader:
+            batch["attention_mask"] = None
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        for name in fields:
+            if batch[name] is not None:
+                dist.broadcast(
+                    batch[name],
+                    parallel_state.get_tensor_model_parallel_src_rank(),
+                    group=parallel_state.get_tensor_model_parallel_group(),
+                )
+    return {name: batch[name] if name in fields else None for name in _BATCH_DTYPES}
+
+
+def get_batch_on_this_cp_rank(batch: dict) -> dict:
+    """This context-parallel rank's part of each sequence: the sequence is cut into 2 x CP chunks and rank r
+    keeps chunks r and 2CP-1-r, which balances causal attention work (Megatron-LM's split)."""
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size == 1:
+        return batch
+    cp_rank = parallel_state.get_context_parallel_rank()
+    for key, value in batch.items():
+        if value is None:
+            continue
+        seq_dim = 2 if key == "attention_mask" else 1
+        chunks = value.view(*value.shape[:seq_dim], 2 * cp_size, value.shape[seq_dim] // (2 * cp_size), *value.shape[seq_dim + 1 :])
+        kept = chunks.index_select(seq_dim, torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=value.device))
+        batch[key] = kept.reshape(*value.shape[:seq_dim], -1, *value.shape[seq_dim + 1 :])
+    return batch
 
 
 def calc_params_l2_norm(model) -> float:

@@ -73,14 +73,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def command(flags, nproc=1):
-    """pretrain_gpt.py as plain python (nproc 1) or under torchrun on loopback."""
+def command(flags, nproc=1, script=PRETRAIN):
+    """pretrain_gpt.py (or another training script) as plain python (nproc 1) or under torchrun on loopback."""
     flags = [str(flag) for flag in flags]
     if nproc == 1:
-        return [sys.executable, PRETRAIN, *flags]
+        return [sys.executable, str(script), *flags]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), PRETRAIN, *flags,
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *flags,
     ]
 
 
@@ -89,9 +89,11 @@ def _environment():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=python_path)
 
 
-def run_pretrain(flags, nproc=1, timeout=600):
+def run_pretrain(flags, nproc=1, timeout=600, script=PRETRAIN):
     """Run to completion; returns the CompletedProcess (stdout and stderr as text)."""
-    return subprocess.run(command(flags, nproc), capture_output=True, text=True, env=_environment(), timeout=timeout, cwd=REPO_ROOT)
+    return subprocess.run(
+        command(flags, nproc, script), capture_output=True, text=True, env=_environment(), timeout=timeout, cwd=REPO_ROOT
+    )
 
 
 def run_until(flags, pattern, sig, nproc=1, timeout=600, send=None):

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy
 import torch
+from megatron.core.datasets import helpers
 from megatron.core.errors import UserError
 
 Blend = Tuple[List[str], Optional[List[float]]]
@@ -62,7 +63,7 @@ def get_blend_from_list(blend: Optional[List[str]], source: str = "--data-path")
     """
     if blend is None:
         return None
-    tokens = [token.strip() for token in blend if token.strip()]
+    tokens = [str(token).strip() for token in blend if str(token).strip()]  # weights may come as numbers
     if not tokens:
         raise DatasetError(f"{source} is empty: give dataset prefixes (A B) or weight/prefix pairs (0.3 A 0.7 B)")
     if _as_number(tokens[0]) is None:
@@ -89,3 +90,9 @@ def get_blend_from_list(blend: Optional[List[str]], source: str = "--data-path")
         prefixes.append(prefix)
     check_blend_weights(weights, prefixes, source)
     return prefixes, weights
+
+
+def compile_helpers() -> None:
+    """Megatron-core's call to build the C++ dataset helpers: compiles them if this checkout has no compiled
+    module yet (one process per node builds, the others wait); a no-op once built."""
+    helpers._build_once_per_node()

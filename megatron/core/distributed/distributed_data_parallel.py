@@ -56,8 +56,11 @@ class DistributedDataParallel(torch.nn.Module):
             if param.requires_grad:
                 grad_dtype = torch.float32 if ddp_config.grad_reduce_in_fp32 else param.dtype
                 params_by_grad_dtype.setdefault(grad_dtype, []).append(param)
+        # Per-token losses are sums: their gradients are summed here and divided by the global token count
+        # in finalize_model_grads.
+        average = not getattr(config, "calculate_per_token_loss", False)
         self.buffers = [
-            _ParamAndGradBuffer(ddp_config, grad_dtype, params, data_parallel_group, bucket_size)
+            _ParamAndGradBuffer(ddp_config, grad_dtype, params, data_parallel_group, bucket_size, average)
             for grad_dtype, params in params_by_grad_dtype.items()
         ]
         self.param_to_buffer = {param: buffer for buffer in self.buffers for param in buffer.param_to_bucket}
@@ -92,6 +95,11 @@ class DistributedDataParallel(torch.nn.Module):
         """All gradients averaged over the data-parallel group; call after the last backward of a step."""
         for buffer in self.buffers:
             buffer.finish_grad_sync()
+
+    def scale_gradients(self, scaling_factor: float):
+        """Multiply every accumulated gradient by `scaling_factor`."""
+        for buffer in self.buffers:
+            buffer.grad_data.mul_(scaling_factor)
 
     def zero_grad_buffer(self):
         """Zero the gradient buffers before a step's first backward."""

@@ -1,6 +1,6 @@
 """The last step of a backward pass: finish every gradient reduction before the optimizer runs."""
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -18,12 +18,12 @@ def _allreduce_embedding_grads(model: List[torch.nn.Module]) -> None:
     the same optimizer step and stay equal."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
-    if not parallel_state.is_rank_in_embedding_group():
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
         return
     group = parallel_state.get_embedding_group()
     if group is None or torch.distributed.get_world_size(group) == 1:
         return
-    if parallel_state.is_pipeline_first_stage():
+    if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         model_chunk = model[0]
     else:
         model_chunk = model[-1]
@@ -56,9 +56,30 @@ def _allreduce_sequence_parallel_grads(model: List[torch.nn.Module]) -> None:
         grad.copy_(reduced.view_as(grad))
 
 
-def finalize_model_grads(model: List[torch.nn.Module]) -> None:
-    """Complete the data-parallel gradient reduction of each model chunk, then sync tied embeddings."""
+def _scale_by_token_count(model: List[torch.nn.Module], num_tokens: torch.Tensor) -> None:
+    """Divide the summed gradients by the step's non-padded tokens over all data-parallel ranks (the last
+    pipeline stage counted them; it tells the other stages)."""
+    num_tokens = num_tokens.to(torch.int64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            num_tokens,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    data_parallel_group = parallel_state.get_data_parallel_group(check_initialized=False)
+    if data_parallel_group is not None:
+        torch.distributed.all_reduce(num_tokens, group=data_parallel_group)
+    if num_tokens.item() > 0:
+        for model_chunk in model:
+            model_chunk.scale_gradients(1.0 / num_tokens.item())
+
+
+def finalize_model_grads(model: List[torch.nn.Module], num_tokens: Optional[torch.Tensor] = None) -> None:
+    """Complete the data-parallel gradient reduction of each model chunk, then sync tied embeddings;
+    with `num_tokens` (--calculate-per-token-loss) divide the summed gradients by the global token count."""
     for model_chunk in model:
         model_chunk.finish_grad_sync()
     _allreduce_sequence_parallel_grads(model)
     _allreduce_embedding_grads(model)
+    if num_tokens is not None:
+        _scale_by_token_count(model, num_tokens)

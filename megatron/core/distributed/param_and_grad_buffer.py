@@ -52,8 +52,10 @@ class _ParamAndGradBuffer:
         params: List[torch.nn.Parameter],
         data_parallel_group: Optional[dist.ProcessGroup],
         bucket_size: Optional[int],
+        average: bool = True,
     ):
         self.ddp_config = ddp_config
+        self.average = average
         self.grad_dtype = grad_dtype
         self.data_parallel_group = data_parallel_group
         self.data_parallel_world_size = dist.get_world_size(data_parallel_group) if data_parallel_group else 1
@@ -112,11 +114,11 @@ class _ParamAndGradBuffer:
         if self.data_parallel_world_size == 1:
             return
         self._wait_for_buckets_in_flight()
-        if self.ddp_config.average_in_collective:
+        op = dist.ReduceOp.SUM
+        if self.average and self.ddp_config.average_in_collective:
             op = dist.ReduceOp.AVG
-        else:
+        elif self.average:
             bucket.grad_data.div_(self.data_parallel_world_size)
-            op = dist.ReduceOp.SUM
         if self.ddp_config.use_distributed_optimizer:
             # A separate output: the input must stay intact while an asynchronous collective reads it.
             bucket.scattered = torch.empty(bucket.shard_size, dtype=bucket.grad_data.dtype, device=bucket.grad_data.device)

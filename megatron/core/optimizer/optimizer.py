@@ -233,3 +233,57 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
         with torch.no_grad():
             for main_param, saved_param in zip(self.main_params, saved):
                 main_param.copy_(saved_param)
+
+
+class ChainedOptimizer(MegatronOptimizer):
+    """Several optimizers (e.g. over disjoint parameter sets) driven as one: each steps its own parameters;
+    the gradient norm reported is that of all of them together."""
+
+    def __init__(self, chained_optimizers: List[MegatronOptimizer]):
+        if not chained_optimizers:
+            raise ValueError("ChainedOptimizer needs at least one optimizer")
+        super().__init__(chained_optimizers[0].optimizer, chained_optimizers[0].config)
+        self.chained_optimizers = chained_optimizers
+
+    @property
+    def param_groups(self) -> List[dict]:
+        return [group for optimizer in self.chained_optimizers for group in optimizer.param_groups]
+
+    def get_parameters(self) -> List[torch.nn.Parameter]:
+        return [param for optimizer in self.chained_optimizers for param in optimizer.get_parameters()]
+
+    def get_loss_scale(self) -> float:
+        return self.chained_optimizers[0].get_loss_scale()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.chained_optimizers[0].scale_loss(loss)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.chained_optimizers:
+            optimizer.zero_grad(set_to_none)
+
+    def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
+        results = [optimizer.step() for optimizer in self.chained_optimizers]
+        update_successful = all(result[0] for result in results)
+        norms = [result[1] for result in results]
+        grad_norm = None if None in norms else sum(norm**2 for norm in norms) ** 0.5
+        zeros = [result[2] for result in results]
+        num_zeros = None if None in zeros else sum(zeros)
+        return update_successful, grad_norm, num_zeros
+
+    def finish_param_sync(self) -> None:
+        for optimizer in self.chained_optimizers:
+            optimizer.finish_param_sync()
+
+    def reload_model_params(self) -> None:
+        for optimizer in self.chained_optimizers:
+            optimizer.reload_model_params()
+
+    def state_dict(self) -> list:
+        return [optimizer.state_dict() for optimizer in self.chained_optimizers]
+
+    def load_state_dict(self, state_dict: list) -> None:
+        if len(state_dict) != len(self.chained_optimizers):
+            raise ValueError(f"{len(state_dict)} optimizer states for {len(self.chained_optimizers)} chained optimizers")
+        for optimizer, state in zip(self.chained_optimizers, state_dict):
+            optimizer.load_state_dict(state)

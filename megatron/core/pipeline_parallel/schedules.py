@@ -17,22 +17,26 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import p2p_communication as p2p
-
-
-def get_model_config(model: torch.nn.Module):
-    """The config of a model, looking through wrappers (DDP, ...) that hold it as `.module`."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    if not hasattr(model, "config"):
-        raise AttributeError(f"{type(model).__name__} has no `config`: the schedules read their hooks from it")
-    return model.config
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 
 def _set_input_tensor(model: torch.nn.Module, input_tensor) -> None:
     """Hand the previous stage's activations to the model under any wrappers."""
-    while not hasattr(model, "set_input_tensor") and hasattr(model, "module"):
-        model = model.module
-    model.set_input_tensor(input_tensor)
+    get_attr_wrapped_model(model, "set_input_tensor")(input_tensor)
+
+
+@contextlib.contextmanager
+def _timed(config, name: str):
+    """Time a phase with the config's timers (megatron.training.get_timers()) when the caller set them."""
+    timers = getattr(config, "timers", None)
+    if timers is None:
+        yield
+        return
+    timers(name, log_level=2).start()
+    try:
+        yield
+    finally:
+        timers(name).stop()
 
 
 def get_forward_backward_func() -> Callable:
@@ -49,28 +53,51 @@ def forward_step(
     data_iterator,
     model,
     num_microbatches,
+    input_tensor,
     forward_data_store,
-    input_tensor=None,
-    is_last_stage: bool = True,
+    config,
+    collect_non_loss_data=False,
+    checkpoint_activations_microbatch=None,
+    is_first_microbatch=False,
+    current_microbatch=None,
+    encoder_decoder_xattn=False,
 ):
-    """One micro batch forward. On the last stage: the loss to backpropagate (already divided for
-    accumulation), its report stored; elsewhere: the activations for the next stage. `input_tensor`: the
-    previous stage's activations (None on the first stage, which reads the data)."""
+    """One micro batch forward; returns (output, num_tokens).
+
+    `input_tensor` holds the previous stage's activations (None on the first stage, which reads the data).
+    On the last pipeline stage the output is the loss to backpropagate, scaled for accumulation: a
+    `(loss, num_tokens, report)` loss is divided by its tokens and by `num_microbatches` (neither with
+    `config.calculate_per_token_loss`: finalize_model_grads divides by the step's tokens instead), a
+    `(loss, report)` loss by `num_microbatches`; the report is stored. With `collect_non_loss_data` the
+    store gets `loss_func(output, non_loss_data=True)` instead. Elsewhere the output is the activations for
+    the next stage and num_tokens is 0. `is_first_microbatch`, `current_microbatch` and
+    `encoder_decoder_xattn` are accepted for Megatron's signature and not needed here.
+    """
     if input_tensor is not None:
         _set_input_tensor(model, input_tensor)
-    output_tensor, loss_func = forward_step_func(data_iterator, model)
-    if not is_last_stage:
-        return output_tensor
+    with _timed(config, "forward-compute"):
+        if checkpoint_activations_microbatch is None:
+            output_tensor, loss_func = forward_step_func(data_iterator, model)
+        else:
+            output_tensor, loss_func = forward_step_func(data_iterator, model, checkpoint_activations_microbatch)
+    num_tokens = torch.tensor(0, dtype=torch.int)
+    if not parallel_state.is_pipeline_last_stage():
+        return output_tensor, num_tokens
+    if collect_non_loss_data:
+        forward_data_store.append(loss_func(output_tensor, non_loss_data=True))
+        return output_tensor, num_tokens
     outputs = loss_func(output_tensor)
     if len(outputs) == 3:
         loss, num_tokens, report = outputs
-        loss = loss / num_tokens.clamp(min=1)
+        if not getattr(config, "calculate_per_token_loss", False):
+            loss = loss / num_tokens.clamp(min=1) / num_microbatches
     elif len(outputs) == 2:
         loss, report = outputs
+        loss = loss / num_microbatches
     else:
         raise ValueError("loss_func must return (loss, num_tokens, report) or (loss, report)")
     forward_data_store.append(report)
-    return loss / num_microbatches
+    return loss, num_tokens
 
 
 def backward_step(input_tensor, output_tensor, output_tensor_grad, config) -> Optional[torch.Tensor]:
@@ -81,7 +108,8 @@ def backward_step(input_tensor, output_tensor, output_tensor_grad, config) -> Op
     grad_scale_func = getattr(config, "grad_scale_func", None)
     if output_tensor_grad is None and grad_scale_func is not None:
         output_tensor = grad_scale_func(output_tensor)
-    torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
+    with _timed(config, "backward-compute"):
+        torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
     return None if input_tensor is None else input_tensor.grad
 
 
@@ -96,9 +124,14 @@ def _single_chunk(model, data_iterator, schedule: str):
     return model, data_iterator
 
 
-def _finalize(config, model: List[torch.nn.Module], forward_only: bool) -> None:
+def _finalize(config, model: List[torch.nn.Module], forward_only: bool, total_num_tokens: torch.Tensor) -> None:
+    """Complete the gradient reductions; with calculate_per_token_loss also divide by the step's tokens."""
     finalize_model_grads_func = getattr(config, "finalize_model_grads_func", None)
-    if finalize_model_grads_func is not None and not forward_only:
+    if finalize_model_grads_func is None or forward_only:
+        return
+    if getattr(config, "calculate_per_token_loss", False):
+        finalize_model_grads_func(model, total_num_tokens)
+    else:
         finalize_model_grads_func(model)
 
 
@@ -110,21 +143,31 @@ def forward_backward_no_pipelining(
     num_microbatches: int,
     seq_length: int = None,
     micro_batch_size: int = None,
+    decoder_seq_length: int = None,
     forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    first_val_step: bool = None,
 ) -> List[dict]:
     """All micro batches through the whole model on this rank, accumulating gradients.
 
     Gradient reduction is deferred (`no_sync_func`) until the last micro batch, whose backward may overlap
     the reduction; `finalize_model_grads_func` then completes it. `seq_length` and `micro_batch_size` shape
-    pipeline messages in the pipelined schedules and are unused here. Returns each micro batch's report.
+    pipeline messages in the pipelined schedules and are unused here, as are `decoder_seq_length` (encoder-
+    decoder models) and `first_val_step` in every schedule. Returns each micro batch's report.
     """
     model, data_iterator = _single_chunk(model, data_iterator, "the no-pipelining schedule")
     config = get_model_config(model)
     no_sync_func = getattr(config, "no_sync_func", None) or contextlib.nullcontext
     forward_data_store = []
+    total_num_tokens = torch.tensor(0, dtype=torch.int)
 
     def run_microbatch():
-        loss = forward_step(forward_step_func, data_iterator, model, num_microbatches, forward_data_store)
+        nonlocal total_num_tokens
+        loss, num_tokens = forward_step(
+            forward_step_func, data_iterator, model, num_microbatches, None, forward_data_store, config,
+            collect_non_loss_data,
+        )
+        total_num_tokens += num_tokens
         if not forward_only:
             backward_step(None, loss, None, config)
 
@@ -132,7 +175,7 @@ def forward_backward_no_pipelining(
         for _ in range(num_microbatches - 1):
             run_microbatch()
     run_microbatch()
-    _finalize(config, [model], forward_only)
+    _finalize(config, [model], forward_only, total_num_tokens)
     return forward_data_store
 
 
@@ -154,7 +197,10 @@ def forward_backward_pipelining_without_interleaving(
     num_microbatches: int,
     seq_length: int = None,
     micro_batch_size: int = None,
+    decoder_seq_length: int = None,
     forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    first_val_step: bool = None,
 ) -> List[dict]:
     """1F1B: each stage runs (stages after it) warm-up forwards, then alternates one forward and one
     backward, then drains the remaining backwards. At most `pipeline size` micro batches' activations
@@ -171,11 +217,15 @@ def forward_backward_pipelining_without_interleaving(
         num_warmup = num_microbatches
     num_steady = num_microbatches - num_warmup
     forward_data_store, input_tensors, output_tensors = [], [], []
+    total_num_tokens = torch.tensor(0, dtype=torch.int)
 
     def run_forward(input_tensor):
-        output = forward_step(
-            forward_step_func, data_iterator, model, num_microbatches, forward_data_store, input_tensor, last
+        nonlocal total_num_tokens
+        output, num_tokens = forward_step(
+            forward_step_func, data_iterator, model, num_microbatches, input_tensor, forward_data_store, config,
+            collect_non_loss_data,
         )
+        total_num_tokens += num_tokens
         if not forward_only:
             input_tensors.append(input_tensor)
             output_tensors.append(output)
@@ -211,7 +261,7 @@ def forward_backward_pipelining_without_interleaving(
     if not forward_only:
         # The last backward of the step may overlap the data-parallel gradient reduction.
         p2p.send_backward(run_backward(output_tensor_grad), config, first)
-    _finalize(config, [model], forward_only)
+    _finalize(config, [model], forward_only, total_num_tokens)
     return forward_data_store
 
 
@@ -223,7 +273,10 @@ def forward_backward_pipelining_with_interleaving(
     num_microbatches: int,
     seq_length: int = None,
     micro_batch_size: int = None,
+    decoder_seq_length: int = None,
     forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    first_val_step: bool = None,
 ) -> List[dict]:
     """Interleaved 1F1B: each stage holds several model chunks (virtual stages); micro batches go through
     the chunks in groups of `pipeline size`, which shrinks the pipeline bubble by the number of chunks."""
@@ -243,6 +296,7 @@ def forward_backward_pipelining_with_interleaving(
     num_warmup = total if all_warmup else min((pipeline_size - pipeline_rank - 1) * 2 + (num_chunks - 1) * pipeline_size, total)
     num_steady = total - num_warmup
     forward_data_store = []
+    total_num_tokens = torch.tensor(0, dtype=torch.int)
     input_tensors = [[] for _ in range(num_chunks)]
     output_tensors = [[] for _ in range(num_chunks)]
     output_tensor_grads = [[] for _ in range(num_chunks)]
@@ -258,15 +312,17 @@ def forward_backward_pipelining_with_interleaving(
         return parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunk)
 
     def run_forward(step: int):
+        nonlocal total_num_tokens
         chunk = chunk_of(step, forward=True)
         parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
         if is_first(chunk) and len(input_tensors[chunk]) == len(output_tensors[chunk]):
             input_tensors[chunk].append(None)
         input_tensor = input_tensors[chunk][-1]
-        output = forward_step(
-            forward_step_func, iterators[chunk], model[chunk], num_microbatches, forward_data_store,
-            input_tensor, is_last(chunk),
+        output, num_tokens = forward_step(
+            forward_step_func, iterators[chunk], model[chunk], num_microbatches, input_tensor, forward_data_store,
+            config, collect_non_loss_data,
         )
+        total_num_tokens += num_tokens
         output_tensors[chunk].append(output)
         if forward_only:
             input_tensors[chunk].pop()
@@ -334,5 +390,5 @@ def forward_backward_pipelining_with_interleaving(
                 _, output_tensor_grad = exchange(None, input_grad, False, recv_next)
                 output_tensor_grads[next_chunk].append(output_tensor_grad)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
-    _finalize(config, model, forward_only)
+    _finalize(config, model, forward_only, total_num_tokens)
     return forward_data_store

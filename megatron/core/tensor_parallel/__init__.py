@@ -2,10 +2,12 @@
 the named random streams."""
 
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.data import broadcast_data
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    linear_with_frozen_weight,
     param_is_not_tensor_parallel_duplicate,
     set_tensor_model_parallel_attributes,
 )
@@ -24,17 +26,21 @@ from megatron.core.tensor_parallel.random import (
     get_cuda_rng_tracker,
     model_parallel_cuda_manual_seed,
 )
+from megatron.core.tensor_parallel.utils import VocabUtility, split_tensor_along_last_dim
 
 __all__ = [
     "ColumnParallelLinear",
     "CudaRNGStatesTracker",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "VocabUtility",
+    "broadcast_data",
     "checkpoint",
     "copy_to_tensor_model_parallel_region",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
     "get_cuda_rng_tracker",
+    "linear_with_frozen_weight",
     "model_parallel_cuda_manual_seed",
     "param_is_not_tensor_parallel_duplicate",
     "reduce_from_tensor_model_parallel_region",
@@ -42,5 +48,6 @@ __all__ = [
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_model_parallel_region",
     "set_tensor_model_parallel_attributes",
+    "split_tensor_along_last_dim",
     "vocab_parallel_cross_entropy",
 ]

@@ -7,6 +7,7 @@ and the sum of exponentials with three all-reduces of [s, b]-sized tensors.
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.utils import VocabUtility
 
 
 def _all_reduce(tensor: torch.Tensor, op) -> None:
@@ -21,9 +22,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         _all_reduce(logits_max, torch.distributed.ReduceOp.MAX)
         shifted = vocab_parallel_logits - logits_max.unsqueeze(-1)
 
-        partition_vocab_size = shifted.size(-1)
-        vocab_start = parallel_state.get_tensor_model_parallel_rank() * partition_vocab_size
-        outside = (target < vocab_start) | (target >= vocab_start + partition_vocab_size)
+        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            shifted.size(-1),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        )
+        outside = (target < vocab_start) | (target >= vocab_end)
         local_target = (target - vocab_start).masked_fill(outside, 0)
         predicted_logits = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         _all_reduce(predicted_logits, torch.distributed.ReduceOp.SUM)

@@ -6,7 +6,7 @@ features (columns), VocabParallelEmbedding the vocabulary. Every parameter recor
 (`tensor_model_parallel`, `partition_dim`, `partition_stride`) for gradient-norm and checkpoint code.
 """
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.state_dict_sharding import shard_of
+from megatron.core.tensor_parallel.utils import VocabUtility
 from megatron.core.utils import divide
 
 def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int, stride: int) -> None:
@@ -122,8 +123,9 @@ class VocabParallelEmbedding(torch.nn.Module):
                 "pad it with --make-vocab-size-divisible-by"
             )
         self.num_embeddings_per_partition = num_embeddings // world_size
-        self.vocab_start_index = parallel_state.get_tensor_model_parallel_rank() * self.num_embeddings_per_partition
-        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            self.num_embeddings_per_partition, parallel_state.get_tensor_model_parallel_rank(), world_size
+        )
         self.weight = _new_parameter((self.num_embeddings_per_partition, embedding_dim), config)
         _initialize_weight(self.weight, (num_embeddings, embedding_dim), config, init_method, partition_dim=0)
 
@@ -248,3 +250,27 @@ class RowParallelLinear(torch.nn.Module):
         if self.skip_bias_add or self.bias is None:
             return output, (self.bias if self.skip_bias_add else None)
         return output + self.bias, None
+
+
+def linear_with_frozen_weight(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    gradient_accumulation_fusion: bool,
+    async_grad_allreduce: bool,
+    sequence_parallel: bool,
+    grad_output_buffer: Optional[List[torch.Tensor]] = None,
+    wgrad_deferral_limit: None = None,
+    allreduce_dgrad: bool = None,
+) -> torch.Tensor:
+    """A column-parallel linear whose weight and bias take no gradient (frozen); the input's gradient is still
+    reduced over the tensor-parallel ranks (reduce-scattered under `sequence_parallel`, all-reduced with
+    `allreduce_dgrad`, which defaults to `async_grad_allreduce`). The fusion and deferral options are
+    accepted for Megatron's signature and change nothing here."""
+    if allreduce_dgrad is None:
+        allreduce_dgrad = async_grad_allreduce
+    if sequence_parallel:
+        input = gather_from_sequence_parallel_region(input)
+    elif allreduce_dgrad:
+        input = copy_to_tensor_model_parallel_region(input)
+    return F.linear(input, weight.detach(), None if bias is None else bias.detach())

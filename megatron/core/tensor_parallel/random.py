@@ -124,8 +124,12 @@ def _tracker_replay_contexts():
     return remember(), replay()
 
 
-def checkpoint(function, *args):
-    """Run `function(*args)` without keeping its activations; recompute them in the backward pass."""
+def checkpoint(function, distribute_saved_activations: bool, *args):
+    """Run `function(*args)` without keeping its activations; recompute them in the backward pass.
+
+    `distribute_saved_activations` (Megatron's option to split the saved inputs over tensor-parallel ranks)
+    is accepted, but the inputs are kept whole: the same numbers, without that memory saving.
+    """
     return torch.utils.checkpoint.checkpoint(
         function, *args, use_reentrant=False, context_fn=_tracker_replay_contexts, preserve_rng_state=True
     )

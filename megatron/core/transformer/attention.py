@@ -98,7 +98,7 @@ class Attention(MegatronModule):
         if inference_params is not None:
             key, value = inference_params.update_key_value(self.layer_number, key, value)
         if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
-            return checkpoint(self.core_attention, query, key, value, attention_mask)
+            return checkpoint(self.core_attention, False, query, key, value, attention_mask)
         return self.core_attention(query, key, value, attention_mask)
 
 

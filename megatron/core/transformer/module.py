@@ -4,6 +4,7 @@ from typing import List
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.errors import UserError
 
@@ -59,3 +60,44 @@ class MegatronModule(torch.nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True):
         check_state_dict_fits(self.state_dict(), state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict)
+
+
+def _cast_floating(value, dtype: torch.dtype):
+    """Floating-point tensors (also inside tuples and lists) cast to `dtype`; everything else unchanged."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floating(item, dtype) for item in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+class Float16Module(MegatronModule):
+    """Megatron-core's half-precision wrapper: the module's weights in fp16 (config.fp16) or bf16, the first
+    pipeline stage's floating inputs cast to that dtype, the last stage's outputs returned in fp32."""
+
+    def __init__(self, config: TransformerConfig, module: torch.nn.Module):
+        super().__init__(config)
+        if not (config.fp16 or config.bf16):
+            raise ValueError("Float16Module needs config.fp16 or config.bf16")
+        self.dtype = torch.float16 if config.fp16 else torch.bfloat16
+        self.add_module("module", module.to(self.dtype))
+
+    def set_input_tensor(self, input_tensor):
+        return self.module.set_input_tensor(input_tensor)
+
+    def forward(self, *inputs, **kwargs):
+        if parallel_state.is_pipeline_first_stage():
+            inputs = _cast_floating(inputs, self.dtype)
+        outputs = self.module(*inputs, **kwargs)
+        if parallel_state.is_pipeline_last_stage():
+            outputs = _cast_floating(outputs, torch.float32)
+        return outputs
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
+        return self.module.state_dict_for_save_checkpoint(prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return self.module.load_state_dict(state_dict, strict=strict)

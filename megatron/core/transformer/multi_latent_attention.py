@@ -178,7 +178,7 @@ class MLASelfAttention(MegatronModule):
             kv_latent, k_pos_emb = inference_params.update_key_value(self.layer_number, kv_latent, k_pos_emb)
         if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
             # Keep only the latents: the up-projected q, k, v and the attention are recomputed in backward.
-            context = checkpoint(self._attend, query_input, kv_latent, k_pos_emb, freqs, mscale, attention_mask)
+            context = checkpoint(self._attend, False, query_input, kv_latent, k_pos_emb, freqs, mscale, attention_mask)
         else:
             context = self._attend(query_input, kv_latent, k_pos_emb, freqs, mscale, attention_mask)
         return self.linear_proj(context)

@@ -16,7 +16,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def layer_offset_and_count_for_this_rank(config: TransformerConfig, vp_stage: Optional[int] = None):
-    """(first global layer index, number of layers) of this rank's model chunk."""
+    """(first global layer index, number of layers) of this rank's model chunk (`vp_stage` None: the
+    virtual stage parallel_state is set to, as Megatron-LM's model providers expect)."""
+    if vp_stage is None:
+        vp_stage = parallel_state.get_virtual_pipeline_model_parallel_rank()
     return layer_offset_and_count(
         config.num_layers,
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -81,7 +84,7 @@ class TransformerBlock(MegatronModule):
             for start, stop, recomputed in self._layer_groups(recompute):
                 if recomputed:
                     hidden_states = checkpoint(
-                        self._run_layers(start, stop, None), hidden_states, attention_mask, rotary_pos_emb
+                        self._run_layers(start, stop, None), False, hidden_states, attention_mask, rotary_pos_emb
                     )
                 else:
                     hidden_states = self._run_layers(start, stop, inference_params)(
@@ -94,7 +97,9 @@ class TransformerBlock(MegatronModule):
     def _run_layers(self, start: int, stop: int, inference_params: Optional[InferenceParams]):
         def run(hidden_states, attention_mask, rotary_pos_emb):
             for layer in self.layers[start:stop]:
-                hidden_states = layer(hidden_states, attention_mask, inference_params, rotary_pos_emb)
+                output = layer(hidden_states, attention_mask, inference_params, rotary_pos_emb)
+                # Core layers return (hidden_states, context) as in Megatron-core; legacy layers a tensor.
+                hidden_states = output[0] if isinstance(output, tuple) else output
             return hidden_states
 
         return run

@@ -63,6 +63,9 @@ class TransformerConfig(ModelParallelConfig):
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
 
+    calculate_per_token_loss: bool = False
+    """The loss is a sum over tokens: schedules do not divide it; gradients are divided by the step's tokens."""
+
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None

@@ -1,7 +1,7 @@
 """One decoder layer: norm -> self-attention -> residual -> norm -> MLP -> residual."""
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -41,11 +41,14 @@ class TransformerLayer(MegatronModule):
         attention_mask: Optional[torch.Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
         rotary_pos_emb: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        return pre_norm_residual_block(
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(hidden_states, context): Megatron-core's return shape; context (cross-attention output) is None
+        in a decoder-only layer."""
+        hidden_states = pre_norm_residual_block(
             self, self.input_layernorm, self.self_attention, self.pre_mlp_layernorm, self.mlp,
             hidden_states, attention_mask, inference_params, rotary_pos_emb,
         )
+        return hidden_states, None
 
 
 def pre_norm_residual_block(

@@ -9,6 +9,7 @@ from megatron.training.tokenizer.tokenizer import (
     SentencePieceTokenizer,
     TokenizerError,
     require_file,
+    vocab_size_with_padding,
 )
 
 TOKENIZER_TYPES = (
@@ -55,15 +56,6 @@ def build_tokenizer(args) -> MegatronTokenizer:
             getattr(args, "tensor_model_parallel_size", 1),
         )
     return tokenizer
-
-
-def vocab_size_with_padding(
-    orig_vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int = 1
-) -> int:
-    """The embedding rows the model allocates: the vocabulary rounded up so every tensor-parallel shard
-    holds a multiple of `make_vocab_size_divisible_by` rows (the one place this is computed)."""
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-orig_vocab_size // multiple) * multiple
 
 
 __all__ = [

@@ -293,3 +293,26 @@ class NullTokenizer(MegatronTokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return " ".join(str(token_id) for token_id in ids)
+
+
+def vocab_size_with_padding(
+    orig_vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int = 1
+) -> int:
+    """The embedding rows the model allocates: the vocabulary rounded up so every tensor-parallel shard
+    holds a multiple of `make_vocab_size_divisible_by` rows (the one place this is computed)."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-orig_vocab_size // multiple) * multiple
+
+
+def _vocab_size_with_padding(orig_vocab_size: int, args, logging_enabled: bool = True) -> int:
+    """Megatron-LM's name and signature for vocab_size_with_padding, reading the sizes from `args`."""
+    padded = vocab_size_with_padding(
+        orig_vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+    if logging_enabled and getattr(args, "rank", 0) == 0:
+        print(
+            f" > padded vocab (size: {orig_vocab_size}) with {padded - orig_vocab_size} dummy tokens "
+            f"(new size: {padded})",
+            flush=True,
+        )
+    return padded

@@ -47,3 +47,21 @@ print(json.dumps(out))
         ours.append([fresh_calculator.get_num_microbatches(), fresh_calculator.get_current_global_batch_size()])
     assert ours == expected
     assert ours[0] == [4, 16] and ours[-1] == [16, 64]
+
+
+def test_megatron_functions_and_running_batch_size(fresh_calculator):
+    fresh_calculator.init_num_microbatches_calculator(0, None, 30, 4, 2, decrease_batch_size_if_needed=True)
+    assert fresh_calculator.get_micro_batch_size() == 4
+    assert fresh_calculator.get_current_global_batch_size() == 30
+    assert fresh_calculator.get_current_running_global_batch_size() == 24
+    assert fresh_calculator.get_num_microbatches() == 3
+    with pytest.raises(RuntimeError, match="already"):
+        fresh_calculator.init_num_microbatches_calculator(0, None, 32, 4, 2)
+    fresh_calculator.reconfigure_num_microbatches_calculator(0, [8, 8, 100], 32, 4, 2)
+    assert fresh_calculator.get_num_microbatches() == 1
+    fresh_calculator.update_num_microbatches(70, consistency_check=True, verbose=True)
+    assert fresh_calculator.get_current_global_batch_size() == 24
+    assert fresh_calculator.get_current_running_global_batch_size() == 24
+    assert fresh_calculator.get_num_microbatches() == 3
+    with pytest.raises(AssertionError):  # Megatron asserts; ours is also a ValueError / UserError
+        fresh_calculator.reconfigure_num_microbatches_calculator(0, [8, 5, 100], 32, 4, 2)

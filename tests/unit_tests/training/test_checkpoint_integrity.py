@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from megatron.core.enums import ModelType
 from megatron.training import checkpointing
 from megatron.training.checkpoint_manifest import MANIFEST_BASENAME, file_crc32
 from megatron.training.checkpointing import (
@@ -92,7 +93,7 @@ def test_unwritable_save_directory_fails_before_the_model_is_built(tmp_path, cap
     flags = ["--micro-batch-size", "1", "--train-iters", "2", "--lr", "0.1", "--device", "cpu", "--mock-data", "--seq-length", "8",
              "--save", str(tmp_path / "file" / "ck"), *MODEL_FLAGS]
     with pytest.raises(SystemExit) as exit_status:
-        pretrain(never_called, never_called, never_called, args_list=flags)
+        pretrain(never_called, never_called, ModelType.encoder_or_decoder, never_called, args_list=flags)
     assert exit_status.value.code == 1
     assert capsys.readouterr().err == (
         f"error: --save {tmp_path / 'file' / 'ck'} is not a writable directory (Not a directory); create it with "

@@ -54,7 +54,7 @@ def build(legacy, variant, tensor_parallel_size=1, sequence_parallel=False, pipe
     kwargs = dict(vocab_size=VOCAB, max_sequence_length=SEQUENCE, parallel_output=False, **variant["model"], **stage)
     if legacy:
         return LegacyGPTModel(config, **kwargs)
-    return GPTModel(config, get_gpt_layer_local_spec(config.qk_layernorm), **kwargs)
+    return GPTModel(config, get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm), **kwargs)
 
 
 def batch():

@@ -136,7 +136,7 @@ def test_decoder_layer_with_the_mla_spec_equals_hf():
     )
     hidden_states, weights = torch.randn(SEQUENCE, BATCH, HIDDEN), torch.randn(SEQUENCE, BATCH, HIDDEN)
     expected, expected_grad = run(lambda x: hf_forward(hf_layer, hf, x), hidden_states, weights)
-    output, grad = run(layer, hidden_states, weights)
+    output, grad = run(lambda x: layer(x)[0], hidden_states, weights)  # (hidden_states, context)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 

@@ -20,8 +20,15 @@ class LanguageModelEmbedding(MegatronModule):
         vocab_size: int,
         max_sequence_length: int,
         position_embedding_type: str = "learned_absolute",
+        num_tokentypes: int = 0,
     ):
         super().__init__(config)
+        if num_tokentypes:
+            raise ValueError("token-type embeddings (num_tokentypes > 0, BERT-style) are not supported")
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.num_tokentypes = num_tokentypes
+        self.tokentype_embeddings = None
         self.add_position_embedding = position_embedding_type == "learned_absolute"
         # Without position embeddings the vocab-parallel sum can reduce-scatter straight to the sequence shards.
         self.reduce_scatter_embeddings = config.sequence_parallel and not self.add_position_embedding
@@ -40,7 +47,12 @@ class LanguageModelEmbedding(MegatronModule):
                 config.init_method(self.position_embeddings.weight)
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, tokentype_ids=None
+    ) -> torch.Tensor:
+        """[sequence, batch, hidden] embeddings (sequence-sharded under sequence parallelism)."""
+        if tokentype_ids is not None:
+            raise ValueError("tokentype_ids given, but this embedding has no token-type embeddings")
         embeddings = self.word_embeddings(input_ids)
         if self.add_position_embedding:
             if position_ids is None:

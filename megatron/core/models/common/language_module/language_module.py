@@ -51,7 +51,7 @@ def tie_word_embeddings_across_pipeline(weight: torch.Tensor, holds_input_embedd
     if not holds_input_embedding:
         weight.data.fill_(0)
         weight.shared = True
-    if parallel_state.is_rank_in_embedding_group():
+    if parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
         torch.distributed.all_reduce(weight.data, group=parallel_state.get_embedding_group())
 
 

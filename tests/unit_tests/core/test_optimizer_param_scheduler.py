@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron.training.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
 def _scheduler(**overrides):
