@@ -10,7 +10,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import import_module
 from megatron.legacy.model import GPTModel as LegacyGPTModel
-from megatron.training.model_config import ModelArgumentsError, core_transformer_config_from_args
+from megatron.training.arguments import ModelArgumentsError
+from megatron.training.model_config import core_transformer_config_from_args
 from megatron.training.yaml_arguments import core_transformer_config_from_yaml
 
 

@@ -21,22 +21,17 @@ import torch  # noqa: E402
 from gpt_builders import gpt_builder  # noqa: E402
 from megatron.core.inference_params import InferenceParams  # noqa: E402
 from megatron.training.arguments import (  # noqa: E402
-    add_model_regularization_args,
-    add_model_stack_args,
-    add_network_size_args,
-    add_tokenizer_args,
-)
-from megatron.training.model_config import (  # noqa: E402
     ModelArgumentsError,
-    core_transformer_config_from_args,
+    add_tokenizer_args,
+    model_flag_parser,
     validate_model_args,
 )
+from megatron.training.model_config import core_transformer_config_from_args  # noqa: E402
 from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from tools.checkpoint.checkpoint_files import fit_vocabulary, read_megatron_checkpoint, relayout_args  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.legacy.model.checkpoint_names import mcore_to_legacy_names  # noqa: E402
 
-_MODEL_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, add_tokenizer_args)
 
 
 class GenerationError(UserError, ValueError):
@@ -45,10 +40,11 @@ class GenerationError(UserError, ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        parents=[_model_flag_parser()],
     )
-    for add_group in _MODEL_GROUPS:
-        add_group(parser)
     group = parser.add_argument_group(title="generation")
     group.add_argument("--load", required=True, help="Megatron checkpoint directory (as written by --save).")
     prompt = group.add_mutually_exclusive_group(required=True)
@@ -64,10 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_flag_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for add_group in _MODEL_GROUPS:
-        add_group(parser)
-    return parser
+    return model_flag_parser(add_tokenizer_args)
 
 
 def _explicit_model_flags(argv) -> dict:

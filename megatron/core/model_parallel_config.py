@@ -45,7 +45,7 @@ class ModelParallelConfig:
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ConfigError("tensor_model_parallel_size and pipeline_model_parallel_size must be at least 1")
         if self.fp16 and self.bf16:
-            raise ConfigError("fp16 and bf16 are mutually exclusive; choose one")
+            raise ConfigError("--fp16 and --bf16 are mutually exclusive; choose one")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError(
                 "sequence_parallel shards along the sequence over tensor-parallel ranks and needs "

@@ -5,13 +5,17 @@ Flags are grouped by concern, one `_add_*_args` function per group; `parse_args`
 
 import argparse
 import difflib
+import importlib.util
 import os
 import sys
 from types import SimpleNamespace
 
 import torch
 import yaml
+
 from megatron.core.errors import UserError
+from megatron.core.model_parallel_config import ConfigError
+from megatron.training.model_config import core_transformer_config_from_args, get_blend_and_blend_per_split
 
 
 class ArgumentsError(UserError, ValueError):
@@ -213,10 +217,9 @@ def validate_args(args, defaults=None):
     _check_weight_decay(args)
     _check_precision(args)
     _check_checkpointing(args)
-    _check_recompute(args)
     _check_device(args)
     _check_logging(args)
-    _validate_model_args(args)
+    validate_model_args(args)
     _validate_data_args(args)
     _validate_data_parallel_args(args)
     _validate_pipeline_args(args)
@@ -389,7 +392,6 @@ def _check_weight_decay(args):
 
 
 def _check_precision(args):
-    _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive; choose one")
     args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     if args.bf16:
         args.accumulate_allreduce_grads_in_fp32 = True
@@ -423,25 +425,6 @@ def _check_checkpointing(args):
         "--keep-last-checkpoints must be at least 1",
     )
     _require(args.keep_last_checkpoints is None or args.save is not None, "--keep-last-checkpoints needs --save DIR")
-
-
-def _check_recompute(args):
-    if args.recompute_granularity != "full":
-        _require(
-            args.recompute_method is None and args.recompute_num_layers is None,
-            "--recompute-method and --recompute-num-layers need --recompute-granularity full",
-        )
-        return
-    _require(
-        args.recompute_method is not None and args.recompute_num_layers is not None,
-        "--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N",
-    )
-    # A count above a pipeline stage's layers (stages may be uneven) recomputes that whole stage.
-    layers = getattr(args, "num_layers", None)
-    _require(
-        args.recompute_num_layers > 0 and (layers is None or args.recompute_num_layers <= layers),
-        f"--recompute-num-layers {args.recompute_num_layers} must lie between 1 and --num-layers ({layers})",
-    )
 
 
 def _check_device(args):
@@ -964,11 +947,109 @@ def add_model_stack_args(parser):
     return parser
 
 
-def _validate_model_args(args):
-    """Complete and check the model flags: defaults derived from other flags, one message per problem."""
-    from megatron.training.model_config import validate_model_args
+MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args)
 
-    validate_model_args(args)
+
+def model_flag_parser(*extra_groups) -> argparse.ArgumentParser:
+    """A parser of the flags that describe the model (plus `extra_groups`), for the tools that read or write
+    a model without training it."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for add_group in (*MODEL_FLAG_GROUPS, *extra_groups):
+        add_group(parser)
+    return parser
+
+
+class ModelArgumentsError(ArgumentsError):
+    """Model flags that contradict each other; the message names the flags and the fix."""
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _swiglu_ffn_hidden_size(hidden_size: int) -> int:
+    """Megatron-LM's SwiGLU width: 2/3 of 4h (two input projections keep the parameter count), rounded
+    down to a multiple of 64."""
+    return int((4 * hidden_size * 2 / 3) / 64) * 64
+
+
+def _require_model(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelArgumentsError(message)
+
+
+def _check_model_stack(args) -> None:
+    _require_model(
+        not (args.use_legacy_models and args.use_mcore_models),
+        "--use-legacy-models and --use-mcore-models are mutually exclusive; choose one stack",
+    )
+    if args.transformer_impl == "transformer_engine":
+        _require_model(
+            transformer_engine_available(),
+            "--transformer-impl transformer_engine needs the transformer_engine package, which is not installed; "
+            "install it or use --transformer-impl local",
+        )
+        _require_model(
+            False,
+            "--transformer-impl transformer_engine: this project has no Transformer Engine layer spec yet; use "
+            "--transformer-impl local (the same model on torch kernels; checkpoints convert either way)",
+        )
+    if args.use_flash_attn and getattr(args, "device", None) == "cpu":
+        _require_model(
+            args.attention_dropout == 0.0,
+            "--use-flash-attn on the CPU has no kernel with attention dropout; set --attention-dropout 0",
+        )
+
+
+def _derive_model_flag_defaults(args) -> None:
+    """Defaults that depend on other flags rather than on the model's shape (which its config derives)."""
+    if args.transformer_impl is None:
+        args.transformer_impl = "local"
+    if args.ffn_hidden_size is None and args.swiglu and args.hidden_size:
+        args.ffn_hidden_size = _swiglu_ffn_hidden_size(args.hidden_size)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = getattr(args, "seq_length", None)
+    if not args.add_bias_linear:
+        # Megatron-LM: the fused bias-GeLU needs a bias; without biases GeLU is the exact one.
+        args.bias_gelu_fusion = False
+
+
+def _check_positions(args) -> None:
+    seq_length = getattr(args, "seq_length", None)
+    if args.position_embedding_type == "learned_absolute":
+        _require_model(
+            args.max_position_embeddings is not None,
+            "learned absolute position embeddings need --max-position-embeddings (or --seq-length)",
+        )
+        _require_model(
+            seq_length is None or seq_length <= args.max_position_embeddings,
+            f"--seq-length {seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}, "
+            "which learned position embeddings cannot cover",
+        )
+    _require_model(0.0 < args.rotary_percent <= 1.0, f"--rotary-percent must lie in (0, 1], got {args.rotary_percent}")
+    _require_model(
+        not args.use_rope_scaling or args.position_embedding_type == "rope",
+        "--use-rope-scaling scales rotary embeddings and needs --position-embedding-type rope",
+    )
+
+
+# Shape fields the TransformerConfig derives when their flag is not given; copied back so that saved
+# checkpoint args, the converter and the logs see the values the model uses.
+_DERIVED_SHAPE_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size")
+
+
+def validate_model_args(args) -> None:
+    """Complete and check the model flags in place: the flag-only rules here, every shape and range rule by
+    building the TransformerConfig (which validates itself, naming the flags)."""
+    _check_model_stack(args)
+    _derive_model_flag_defaults(args)
+    try:
+        config = core_transformer_config_from_args(args)
+    except ConfigError as error:  # reported as a flag error, like the rules here
+        raise ModelArgumentsError(str(error)) from None
+    for name in _DERIVED_SHAPE_FIELDS:
+        setattr(args, name, getattr(config, name))
+    _check_positions(args)
 
 
 def add_data_args(parser):
@@ -1051,7 +1132,7 @@ def _validate_data_args(args):
     """One data source, well-formed blends and split, and a sequence length to cut samples by."""
     from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
     from megatron.core.datasets.utils import DatasetError
-    from megatron.training.datasets.utils import data_sources, get_blend_and_blend_per_split
+    from megatron.training.datasets.utils import data_sources
 
     sources = data_sources(args)
     _require(len(sources) <= 1, f"give one data source, not {' and '.join(sources)}")
@@ -1242,13 +1323,6 @@ def _validate_megatron_api_args(args):
     }
     for flag, used in not_yet.items():
         _require(not used, f"{flag} is not supported yet; leave it at its default")
-
-
-def core_transformer_config_from_args(args, config_class=None):
-    """Megatron-LM's path for megatron.training.model_config.core_transformer_config_from_args."""
-    from megatron.training.model_config import core_transformer_config_from_args as from_args  # model_config imports this module
-
-    return from_args(args) if config_class is None else from_args(args, config_class)
 
 
 ARGUMENT_GROUPS = [

@@ -30,6 +30,8 @@ from megatron.core.errors import UserError
 CHECKPOINT_BASENAME = "model_optim_rng.pt"
 DISTRIBUTED_OPTIMIZER_BASENAME = "distrib_optim.pt"
 TRACKER_BASENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's checkpoint_version for this layout
+RANK_DIRECTORY_NAME = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")  # (tensor rank, pipeline rank or None)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -213,7 +215,8 @@ def _write_text(path: str, text: str, needed_bytes: int = 0) -> str:
     return _write_atomically(path, write, needed_bytes)
 
 
-def _write_tracker(checkpoints_path: str, iteration: int) -> None:
+def write_tracker(checkpoints_path: str, iteration) -> None:
+    """Name `iteration` (a number, or "release") as the last complete checkpoint: written last, atomically."""
     _write_text(get_checkpoint_tracker_filename(checkpoints_path), str(iteration))
 
 
@@ -337,7 +340,7 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     if parallel_state.get_data_parallel_rank() == 0:
         state_dict = {
             "args": args,
-            "checkpoint_version": 3.0,
+            "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
             "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
             **_model_state_dicts(model),
@@ -350,7 +353,7 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
         _write_rank_files(checkpoint_name, state_dict, distributed_optimizer_state, args.save_safetensors)
     _barrier()
     if rank == 0:
-        _write_tracker(args.save, iteration)
+        write_tracker(args.save, iteration)
         if args.keep_last_checkpoints:
             _delete_old_checkpoints(args.save, iteration, args.keep_last_checkpoints)
     _barrier()
@@ -537,7 +540,7 @@ def _saved_layout(iteration_directory: str):
     """(tensor, pipeline) parallel sizes of the mp_rank_TT[_PPP] directories present, or None if there are none."""
     tensor_ranks, pipeline_ranks = set(), set()
     for name in os.listdir(iteration_directory) if os.path.isdir(iteration_directory) else []:
-        match = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?", name)
+        match = RANK_DIRECTORY_NAME.match(name)
         if match:
             tensor_ranks.add(int(match.group(1)))
             pipeline_ranks.add(int(match.group(2) or 0))

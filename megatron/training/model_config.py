@@ -1,143 +1,28 @@
-"""From parsed flags to a model: the model-flag checks and the one place that builds a TransformerConfig."""
+"""The one module where parsed flags become core's config objects: the TransformerConfig of the model, the
+OptimizerConfig, the DistributedDataParallelConfig and the GPTDatasetConfig. Each config validates itself and
+derives its own defaults; the flag-only rules live beside their flags in arguments.py."""
 
 import dataclasses
-import importlib.util
+import json
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from megatron.core.model_parallel_config import ConfigError
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+from megatron.core.datasets.utils import Blend, DatasetError, Split, get_blend_from_list
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.training.arguments import ArgumentsError
-
-
-class ModelArgumentsError(ArgumentsError):
-    """Model flags that contradict each other; the message names the flags and the fix."""
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ModelArgumentsError(message)
-
-
-def _swiglu_ffn_hidden_size(hidden_size: int) -> int:
-    """Megatron-LM's SwiGLU width: 2/3 of 4h (two input projections keep the parameter count), rounded
-    down to a multiple of 64."""
-    return int((4 * hidden_size * 2 / 3) / 64) * 64
-
-
-def _check_stack(args) -> None:
-    _require(
-        not (args.use_legacy_models and args.use_mcore_models),
-        "--use-legacy-models and --use-mcore-models are mutually exclusive; choose one stack",
-    )
-    if args.transformer_impl == "transformer_engine":
-        _require(
-            transformer_engine_available(),
-            "--transformer-impl transformer_engine needs the transformer_engine package, which is not installed; "
-            "install it or use --transformer-impl local",
-        )
-        _require(
-            False,
-            "--transformer-impl transformer_engine: this project has no Transformer Engine layer spec yet; use "
-            "--transformer-impl local (the same model on torch kernels; checkpoints convert either way)",
-        )
-    if args.transformer_impl is None:
-        args.transformer_impl = "local"
-    if args.use_flash_attn and getattr(args, "device", None) == "cpu":
-        _require(
-            args.attention_dropout == 0.0,
-            "--use-flash-attn on the CPU has no kernel with attention dropout; set --attention-dropout 0",
-        )
-
-
-def _check_sizes(args) -> None:
-    for flag, value in (
-        ("--num-layers", args.num_layers),
-        ("--hidden-size", args.hidden_size),
-        ("--num-attention-heads", args.num_attention_heads),
-    ):
-        _require(value is not None and value > 0, f"{flag} is required and must be positive")
-    heads = args.num_attention_heads
-    if args.group_query_attention:
-        groups = args.num_query_groups
-        _require(
-            groups > 0 and heads % groups == 0,
-            f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}; every key/value "
-            "group must serve the same number of heads",
-        )
-    else:
-        args.num_query_groups = heads
-    if args.kv_channels is None:
-        _require(
-            args.hidden_size % heads == 0,
-            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}; choose sizes "
-            "that divide or give the head width with --kv-channels",
-        )
-        args.kv_channels = args.hidden_size // heads
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = _swiglu_ffn_hidden_size(args.hidden_size) if args.swiglu else 4 * args.hidden_size
-    _require(args.ffn_hidden_size > 0, f"--ffn-hidden-size must be positive, got {args.ffn_hidden_size}")
-
-
-def _check_positions(args) -> None:
-    seq_length = getattr(args, "seq_length", None)
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = seq_length
-    if args.position_embedding_type == "learned_absolute":
-        _require(
-            args.max_position_embeddings is not None,
-            "learned absolute position embeddings need --max-position-embeddings (or --seq-length)",
-        )
-        _require(
-            seq_length is None or seq_length <= args.max_position_embeddings,
-            f"--seq-length {seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}, "
-            "which learned position embeddings cannot cover",
-        )
-    _require(0.0 < args.rotary_percent <= 1.0, f"--rotary-percent must lie in (0, 1], got {args.rotary_percent}")
-    _require(
-        not args.use_rope_scaling or args.position_embedding_type == "rope",
-        "--use-rope-scaling scales rotary embeddings and needs --position-embedding-type rope",
-    )
-
-
-def _check_regularization(args) -> None:
-    for flag, value in (("--hidden-dropout", args.hidden_dropout), ("--attention-dropout", args.attention_dropout)):
-        _require(0.0 <= value < 1.0, f"{flag} must lie in [0, 1), got {value}")
-    _require(args.init_method_std > 0, f"--init-method-std must be positive, got {args.init_method_std}")
-    _require(args.norm_epsilon > 0, f"--norm-epsilon must be positive, got {args.norm_epsilon}")
-    if not args.add_bias_linear:
-        # Megatron-LM: the fused bias-GeLU needs a bias; without biases GeLU is the exact one.
-        args.bias_gelu_fusion = False
-
-
-def validate_model_args(args) -> None:
-    """Complete and check the model flags in place (called from arguments.validate_args)."""
-    _check_stack(args)
-    _check_sizes(args)
-    _check_positions(args)
-    _check_regularization(args)
-    try:
-        core_transformer_config_from_args(args)
-    except ConfigError as error:
-        raise ModelArgumentsError(str(error)) from None
-
-
-def _attention_backend(args) -> AttnBackend:
-    return AttnBackend.flash if args.use_flash_attn else AttnBackend.auto
 
 
 def core_transformer_config_from_args(args, config_class=TransformerConfig) -> TransformerConfig:
-    """The TransformerConfig the parsed (and validated) flags describe; the only place flags become one."""
-    kwargs = {}
-    for field in dataclasses.fields(config_class):
-        if hasattr(args, field.name):
-            kwargs[field.name] = getattr(args, field.name)
+    """The TransformerConfig the parsed flags describe: every config field whose flag has the same name, plus
+    the few flags named differently. Without --group-query-attention the config gives one group per head."""
+    kwargs = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_class) if hasattr(args, field.name)}
+    if not getattr(args, "group_query_attention", True):
+        kwargs["num_query_groups"] = None
     kwargs["layernorm_epsilon"] = args.norm_epsilon
     kwargs["params_dtype"] = getattr(args, "params_dtype", torch.float32)
     kwargs["fp16"] = bool(getattr(args, "fp16", False))
@@ -147,7 +32,7 @@ def core_transformer_config_from_args(args, config_class=TransformerConfig) -> T
     kwargs["virtual_pipeline_model_parallel_size"] = getattr(args, "virtual_pipeline_model_parallel_size", None)
     kwargs["num_layers_in_first_pipeline_stage"] = getattr(args, "decoder_first_pipeline_num_layers", None)
     kwargs["num_layers_in_last_pipeline_stage"] = getattr(args, "decoder_last_pipeline_num_layers", None)
-    kwargs["attention_backend"] = _attention_backend(args)
+    kwargs["attention_backend"] = AttnBackend.flash if args.use_flash_attn else AttnBackend.auto
     if args.swiglu:
         kwargs["activation_func"] = F.silu
         kwargs["gated_linear_unit"] = True
@@ -155,3 +40,107 @@ def core_transformer_config_from_args(args, config_class=TransformerConfig) -> T
     else:
         kwargs["bias_activation_fusion"] = bool(args.bias_gelu_fusion)
     return config_class(**kwargs)
+
+
+def optimizer_config_from_args(args) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        fp16=args.fp16,
+        bf16=args.bf16,
+        params_dtype=args.params_dtype,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum,
+        clip_grad=args.clip_grad,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+    )
+
+
+def ddp_config_from_args(args) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        bucket_size=args.ddp_bucket_size,
+    )
+
+
+def core_gpt_dataset_config_from_args(args, tokenizer) -> GPTDatasetConfig:
+    """The GPTDatasetConfig of the data flags (the blend read from --data-path or the per-split paths)."""
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split if blend is not None or blend_per_split is None else None,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        shared_storage=not args.no_shared_storage,
+        vocab_size=getattr(args, "padded_vocab_size", None),
+    )
+
+
+def _tokens(values: Optional[List[str]]) -> Optional[List[str]]:
+    """Flag values split at whitespace, so a quoted "0.3 A 0.7 B" reads like the unquoted tokens."""
+    if values is None:
+        return None
+    return [token for value in values for token in value.split()]
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path) as stream:
+            return stream.read()
+    except OSError as error:
+        raise DatasetError(f"{flag} {path}: cannot read the file ({error.strerror})") from None
+
+
+def get_blend_and_blend_per_split(args) -> Tuple[Optional[Blend], Optional[List[Optional[Blend]]]]:
+    """(blend shared by the splits, per-split blends) from --data-path / --data-args-path or the per-split flags."""
+    if args.data_path is not None:
+        return get_blend_from_list(_tokens(args.data_path), "--data-path"), None
+    if args.data_args_path is not None:
+        tokens = _read(args.data_args_path, "--data-args-path").split()
+        return get_blend_from_list(tokens, f"--data-args-path {args.data_args_path}"), None
+    if args.per_split_data_args_path is not None:
+        path = args.per_split_data_args_path
+        try:
+            per_split = json.loads(_read(path, "--per-split-data-args-path"))
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"--per-split-data-args-path {path} is not valid JSON: {error}") from None
+        if not isinstance(per_split, dict) or not set(per_split) <= {split.name for split in Split}:
+            raise DatasetError(
+                f'--per-split-data-args-path {path} must be an object with keys "train", "valid", "test"'
+            )
+        blends = []
+        for split in Split:
+            value = per_split.get(split.name)
+            tokens = None if value is None else _tokens([value] if isinstance(value, str) else value)
+            blends.append(get_blend_from_list(tokens, f"{split.name} in {path}"))
+        return None, blends
+    per_split_paths = (args.train_data_path, args.valid_data_path, args.test_data_path)
+    if any(path is not None for path in per_split_paths):
+        return None, [
+            get_blend_from_list(_tokens(path), f"--{split.name}-data-path")
+            for split, path in zip(Split, per_split_paths)
+        ]
+    return None, None

@@ -19,14 +19,14 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     get_num_microbatches,
     update_num_microbatches,
 )
 from megatron.core.errors import UserError
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron.training.flops import num_floating_point_operations
@@ -39,6 +39,7 @@ from megatron.training.global_vars import (
     get_wandb_writer,
 )
 from megatron.training.initialize import initialize_megatron
+from megatron.training.model_config import ddp_config_from_args, optimizer_config_from_args
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.training.training_log import TrainingLogger, build_logging_writers, print_args
 from megatron.training.utils import (
@@ -247,13 +248,7 @@ def _prepare_model_chunk(model, args):
             f"({parallel_state.get_tensor_model_parallel_rank()}, {parallel_state.get_pipeline_model_parallel_rank()}): "
             f"{sum(param.numel() for param in model.parameters())}"
         )
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        bucket_size=args.ddp_bucket_size,
-    )
-    wrapped = DistributedDataParallel(model.config, ddp_config, model)
+    wrapped = DistributedDataParallel(model.config, ddp_config_from_args(args), model)
     if args.data_parallel_random_init:
         wrapped.broadcast_params()
     return wrapped
@@ -297,36 +292,11 @@ def get_optimizer_param_scheduler(optimizer):
     )
 
 
-def _optimizer_config(args) -> OptimizerConfig:
-    return OptimizerConfig(
-        optimizer=args.optimizer,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        fp16=args.fp16,
-        bf16=args.bf16,
-        params_dtype=args.params_dtype,
-        loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale,
-        min_loss_scale=args.min_loss_scale,
-        loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        sgd_momentum=args.sgd_momentum,
-        clip_grad=args.clip_grad,
-        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_param_gather=args.overlap_param_gather,
-    )
-
-
 def setup_model_and_optimizer(model_provider_func):
     """Model chunks, optimizer and schedule, with the checkpoint under --load applied."""
     args = get_args()
     model = get_model(model_provider_func)
-    optimizer = get_megatron_optimizer(_optimizer_config(args), model)
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), model)
     opt_param_scheduler = get_optimizer_param_scheduler(optimizer)
     args.iteration, args.num_floating_point_operations_so_far = 0, 0
     if args.load is not None:

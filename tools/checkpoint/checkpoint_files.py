@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import pickle
-import re
 import shutil
 from typing import Dict, List, Optional, Tuple
 
@@ -24,22 +23,22 @@ from megatron.legacy.model.checkpoint_names import (
     mcore_to_legacy_names,
     nest_legacy_state_dict,
 )
-from megatron.training.arguments import add_model_regularization_args, add_model_stack_args, add_network_size_args
-from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
-from megatron.training.model_config import ModelArgumentsError, core_transformer_config_from_args, validate_model_args
+from megatron.training.checkpointing import (
+    CHECKPOINT_BASENAME,
+    CHECKPOINT_VERSION,
+    RANK_DIRECTORY_NAME,
+    get_checkpoint_name,
+    get_checkpoint_tracker_filename,
+    read_metadata,
+    write_tracker,
+)
+from megatron.training.arguments import ModelArgumentsError, model_flag_parser, validate_model_args
+from megatron.training.model_config import core_transformer_config_from_args
 from megatron.training.safe_load import load_checkpoint_file
 from megatron.training.tokenizer import vocab_size_with_padding
 from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
 
 StateDict = Dict[str, torch.Tensor]
-_RANK_DIRECTORY = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-
-
-def _model_flag_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for add_group in (add_network_size_args, add_model_regularization_args, add_model_stack_args):
-        add_group(parser)
-    return parser
 
 
 def model_args(
@@ -53,7 +52,7 @@ def model_args(
 ) -> argparse.Namespace:
     """The model-shaping args saved in a checkpoint, from model flags plus vocabulary and layout
     (`uneven_stage_layers`: the first and last pipeline stages' layer counts, None for an even share)."""
-    args = _model_flag_parser().parse_args(flags)
+    args = model_flag_parser().parse_args(flags)
     args.use_legacy_models = use_legacy_models
     args.use_mcore_models = not use_legacy_models
     args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers = uneven_stage_layers
@@ -142,7 +141,7 @@ def fit_vocabulary(state: StateDict, args) -> StateDict:
 
 def _fill_missing_model_args(args) -> argparse.Namespace:
     """Args saved by another Megatron may lack flags this project adds: give them their defaults."""
-    filled = argparse.Namespace(**vars(_model_flag_parser().parse_args([])))
+    filled = argparse.Namespace(**vars(model_flag_parser().parse_args([])))
     for name, value in vars(args).items():
         setattr(filled, name, value)
     # Transformer Engine checkpoints are read into the local spec's names (transformer_engine_to_local_names).
@@ -195,24 +194,20 @@ def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
                 )
                 name = os.path.join(staging, os.path.relpath(final_name, release_dir))
                 os.makedirs(os.path.dirname(name), exist_ok=True)
-                torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": shard}, name)
+                torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": shard}, name)
         _replace_directory(staging, release_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    tracker = get_checkpoint_tracker_filename(save_dir)
-    temporary = f"{tracker}.tmp.{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write("release")
-    os.replace(temporary, tracker)
+    write_tracker(save_dir, "release")
 
 
 def _rank_files(directory: str) -> Dict[Tuple[int, int], str]:
     files = {}
     for entry in sorted(os.listdir(directory)):
-        match = _RANK_DIRECTORY.match(entry)
+        match = RANK_DIRECTORY_NAME.match(entry)
         if match:
             ranks = (int(match.group(1)), int(match.group(2) or 0))
-            files[ranks] = os.path.join(directory, entry, "model_optim_rng.pt")
+            files[ranks] = os.path.join(directory, entry, CHECKPOINT_BASENAME)
     return files
 
 

@@ -115,13 +115,17 @@ class TransformerConfig(ModelParallelConfig):
             self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_layers)
 
     def _check_sizes(self):
-        for name in ("num_layers", "hidden_size", "num_attention_heads"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for flag, value in (
+            ("--num-layers", self.num_layers),
+            ("--hidden-size", self.hidden_size),
+            ("--num-attention-heads", self.num_attention_heads),
+        ):
+            if value is None or value <= 0:
+                raise ConfigError(f"{flag} is required and must be positive")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.ffn_hidden_size <= 0:
-            raise ConfigError(f"ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
+            raise ConfigError(f"--ffn-hidden-size must be positive, got {self.ffn_hidden_size}")
 
     def _check_attention_heads(self):
         heads = self.num_attention_heads
@@ -130,18 +134,18 @@ class TransformerConfig(ModelParallelConfig):
         groups = self.num_query_groups
         if groups <= 0 or heads % groups:
             raise ConfigError(
-                f"num_attention_heads {heads} is not divisible by num_query_groups {groups}: every query group "
-                "must serve the same number of heads (--num-attention-heads / --num-query-groups)"
+                f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}; every key/value "
+                "group must serve the same number of heads"
             )
         if self.kv_channels is None:
             if self.hidden_size % heads:
                 raise ConfigError(
-                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {heads}; "
-                    "choose sizes that divide or give the head width with --kv-channels"
+                    f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {heads}; choose "
+                    "sizes that divide or give the head width with --kv-channels"
                 )
             self.kv_channels = self.hidden_size // heads
         if self.kv_channels <= 0:
-            raise ConfigError(f"kv_channels must be positive, got {self.kv_channels}")
+            raise ConfigError(f"--kv-channels must be positive, got {self.kv_channels}")
         tp = self.tensor_model_parallel_size
         if heads % tp or groups % tp:
             raise ConfigError(
@@ -151,20 +155,20 @@ class TransformerConfig(ModelParallelConfig):
             )
         if self.ffn_hidden_size % tp:
             raise ConfigError(
-                f"ffn_hidden_size {self.ffn_hidden_size} is not divisible by the tensor-parallel size {tp}"
+                f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
             )
 
     def _check_ranges(self):
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        for flag, value in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{flag} must lie in [0, 1), got {value}")
         if self.layernorm_epsilon <= 0:
-            raise ConfigError(f"layernorm_epsilon must be positive, got {self.layernorm_epsilon}")
+            raise ConfigError(f"--norm-epsilon must be positive, got {self.layernorm_epsilon}")
         if self.init_method_std <= 0:
-            raise ConfigError(f"init_method_std must be positive, got {self.init_method_std}")
+            raise ConfigError(f"--init-method-std must be positive, got {self.init_method_std}")
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(
-                f"normalization {self.normalization!r} is not supported; choose one of {', '.join(NORMALIZATIONS)}"
+                f"--normalization {self.normalization!r} is not supported; choose one of {', '.join(NORMALIZATIONS)}"
             )
         if not isinstance(self.attention_backend, AttnBackend):
             raise ConfigError(f"attention_backend must be an AttnBackend, got {self.attention_backend!r}")
@@ -184,20 +188,25 @@ class TransformerConfig(ModelParallelConfig):
         )
 
     def _check_recompute(self):
-        if self.recompute_granularity is None:
-            return
-        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
-            raise ConfigError(
-                f"recompute_granularity {self.recompute_granularity!r}: choose one of "
-                f"{', '.join(RECOMPUTE_GRANULARITIES)}"
-            )
-        if self.recompute_granularity == "full":
-            if self.recompute_method not in RECOMPUTE_METHODS:
+        if self.recompute_granularity != "full":
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ConfigError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
+            if self.recompute_granularity not in (None, *RECOMPUTE_GRANULARITIES):
                 raise ConfigError(
-                    "full recompute needs recompute_method 'uniform' or 'block' (--recompute-method)"
+                    f"--recompute-granularity {self.recompute_granularity!r}: choose one of "
+                    f"{', '.join(RECOMPUTE_GRANULARITIES)}"
                 )
-            if not self.recompute_num_layers or self.recompute_num_layers < 1:
-                raise ConfigError("full recompute needs recompute_num_layers >= 1 (--recompute-num-layers)")
+            return
+        if self.recompute_method not in RECOMPUTE_METHODS or self.recompute_num_layers is None:
+            raise ConfigError(
+                "--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N"
+            )
+        # A count above a pipeline stage's layers (stages may be uneven) recomputes that whole stage.
+        if not 1 <= self.recompute_num_layers <= self.num_layers:
+            raise ConfigError(
+                f"--recompute-num-layers {self.recompute_num_layers} must lie between 1 and --num-layers "
+                f"({self.num_layers})"
+            )
 
     def _check_moe(self):
         """MoE fields; each message names the flag to change."""

@@ -1,33 +1,10 @@
 """The datasets of pretrain_gpt.py: GPT datasets (or mock data) built from the data flags."""
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.training.datasets.utils import get_blend_and_blend_per_split
+from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 from megatron.training.global_vars import get_args, get_tokenizer
+from megatron.training.model_config import core_gpt_dataset_config_from_args
 from megatron.training.utils import print_rank_0
-
-
-def core_gpt_dataset_config_from_args(args, tokenizer) -> GPTDatasetConfig:
-    """The one place where the data flags become a GPTDatasetConfig."""
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=args.split if blend is not None or blend_per_split is None else None,
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
-        tokenizer=tokenizer,
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
-        shared_storage=not args.no_shared_storage,
-        vocab_size=getattr(args, "padded_vocab_size", None),
-    )
 
 
 def _describe(name, dataset) -> str:

@@ -20,16 +20,16 @@ def test_derived_defaults():
 @pytest.mark.parametrize(
     "fields,message",
     [
-        (dict(num_query_groups=3), "num_attention_heads 8 is not divisible by num_query_groups 3"),
-        (dict(hidden_size=60), "hidden_size 60 is not divisible by num_attention_heads 8; choose sizes that divide"),
-        (dict(num_layers=0), "num_layers must be positive"),
-        (dict(normalization="BatchNorm"), "normalization 'BatchNorm' is not supported"),
-        (dict(hidden_dropout=1.5), "hidden_dropout must lie in [0, 1)"),
+        (dict(num_query_groups=3), "--num-attention-heads 8 is not divisible by --num-query-groups 3"),
+        (dict(hidden_size=60), "--hidden-size 60 is not divisible by --num-attention-heads 8; choose sizes that divide"),
+        (dict(num_layers=0), "--num-layers is required and must be positive"),
+        (dict(normalization="BatchNorm"), "--normalization 'BatchNorm' is not supported"),
+        (dict(hidden_dropout=1.5), "--hidden-dropout must lie in [0, 1)"),
         (dict(num_query_groups=2, tensor_model_parallel_size=4), "query groups (2) must both be divisible"),
         (dict(sequence_parallel=True), "sequence_parallel"),
         (dict(fp16=True, bf16=True), "mutually exclusive"),
         (dict(pipeline_model_parallel_size=3), "num_layers 4 is not divisible by the pipeline-parallel size 3"),
-        (dict(recompute_granularity="full"), "recompute_method"),
+        (dict(recompute_granularity="full"), "--recompute-method uniform|block"),
         (dict(bias_activation_fusion=True, add_bias_linear=False), "needs add_bias_linear"),
     ],
 )

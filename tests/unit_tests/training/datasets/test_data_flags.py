@@ -11,7 +11,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.training import datasets as provider_module
 from megatron.training.arguments import ArgumentsError, parse_args, validate_args
 from megatron.training.datasets import core_gpt_dataset_config_from_args, train_valid_test_datasets_provider
-from megatron.training.datasets.utils import get_blend_and_blend_per_split, get_train_valid_test_num_samples
+from megatron.training.datasets.utils import get_train_valid_test_num_samples
+from megatron.training.model_config import get_blend_and_blend_per_split
 
 MODEL = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--max-position-embeddings", "8"]
 BASE = ["--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--device", "cpu", "--seq-length", "8", *MODEL]
