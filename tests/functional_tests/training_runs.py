@@ -4,13 +4,12 @@ flags for both stacks, and running pretrain_gpt.py as a user does (plain python 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 
 def require_data_pipeline():
@@ -65,12 +64,6 @@ def training_flags(data_path, stack="mcore", *extra):
         "--device", "cpu", "--seed", "1234",
         *map(str, extra),
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def command(flags, nproc=1, script=PRETRAIN):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from megatron.core import parallel_state
 from megatron.core.parallel_state import ParallelLayoutError, RankGenerator, default_embedding_ranks
+from tests.conftest import free_port
 
 
 def test_rank_order_is_tensor_then_data_then_pipeline():
@@ -153,7 +153,4 @@ def _worker(rank, port):
 
 
 def test_context_and_expert_parallel_groups_on_gloo():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_worker, args=(port,), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=2, join=True)

@@ -1,7 +1,6 @@
 """BlendedDataset: samples come from the member the blend index names, shares follow weights, indices cache."""
 
 import os
-import socket
 
 import numpy
 import pytest
@@ -13,6 +12,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.utils import DatasetError
 
 from .conftest import EOD, gpt_config, recognisable_documents, write_dataset
+from tests.conftest import free_port
 
 
 @pytest.fixture
@@ -78,12 +78,6 @@ def test_oversampled_member_is_refused(two_prefixes, tmp_path):
     member = build_blend(two_prefixes[:1], None, 10, str(tmp_path / "cache"))
     with pytest.raises(DatasetError, match=r"draws 100 samples from dataset 0 .* which holds"):
         BlendedDataset([member], [1.0], 100, member.config)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_blend_matches_the_published_megatron_core(two_prefixes, tmp_path, run_reference_megatron):

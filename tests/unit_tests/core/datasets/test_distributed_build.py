@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 
 import numpy
 import torch
@@ -13,12 +12,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.utils import DatasetError
 
 from .conftest import gpt_config, recognisable_documents, write_dataset
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.conftest import free_port
 
 
 def _build(prefix, cache, shared_storage, local_rank, sequence_length=16):
@@ -60,7 +54,7 @@ def _worker(rank, port, prefix, tiny_prefix, directory):
 def test_rank_zero_builds_and_the_other_rank_loads(tmp_path):
     prefix = write_dataset(str(tmp_path / "corpus"), recognisable_documents(60))
     tiny_prefix = write_dataset(str(tmp_path / "tiny"), [[1, 2, 0]])
-    mp.spawn(_worker, args=(_free_port(), prefix, tiny_prefix, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), prefix, tiny_prefix, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1))
     assert (rank0["shared"][0], rank1["shared"][0]) == (True, False)
     assert (rank0["two_nodes"][0], rank1["two_nodes"][0]) == (True, True)

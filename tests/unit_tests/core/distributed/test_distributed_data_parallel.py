@@ -3,7 +3,6 @@ average across two gloo processes equal to one process seeing the whole batch.""
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.model_parallel_config import ModelParallelConfig
+from tests.conftest import free_port
 
 
 def _net():
@@ -69,12 +69,6 @@ def test_fp32_gradient_buffer_for_bf16_parameters():
     assert all(param.main_grad.dtype == torch.float32 for param in net.parameters())
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _two_rank_worker(rank, port, ddp_flags, x, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -95,7 +89,7 @@ def _two_rank_worker(rank, port, ddp_flags, x, results):
 def test_two_ranks_average_equals_whole_batch(ddp_flags):
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
     results = mp.Manager().dict()
-    mp.spawn(_two_rank_worker, args=(_free_port(), ddp_flags, x, results), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(free_port(), ddp_flags, x, results), nprocs=2, join=True)
 
     reference = _net()
     # Each rank's loss is a mean over its 2 micro batches of 2 rows, summed over micro batches; the

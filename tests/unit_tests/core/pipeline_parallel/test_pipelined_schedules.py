@@ -14,7 +14,7 @@ from megatron.core.pipeline_parallel.schedules import (
     forward_backward_pipelining_without_interleaving,
 )
 from megatron.core.transformer.pipeline_layout import layer_offset_and_count
-from tests.unit_tests.core.tensor_parallel.conftest import _free_port, _worker
+from tests.conftest import free_port, gloo_worker
 
 HIDDEN, SEQ, MICRO_BATCH, NUM_LAYERS = 4, 3, 2, 4
 
@@ -154,4 +154,4 @@ def _check_all_cases(rank):
 
 
 def test_pipelined_schedules_match_unsplit_model_and_refuse_too_few_microbatches():
-    mp.spawn(_worker, args=(2, _free_port(), (1, 2), _check_all_cases, ()), nprocs=2, join=True)
+    mp.spawn(gloo_worker, args=(2, free_port(), (1, 2), _check_all_cases, ()), nprocs=2, join=True)

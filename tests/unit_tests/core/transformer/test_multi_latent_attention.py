@@ -15,7 +15,6 @@ from megatron.core.models.gpt.mla_module_specs import get_gpt_mla_layer_local_sp
 from megatron.core.transformer.multi_latent_attention import MLA_HF_NAMES
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import ConfigError, MLATransformerConfig
-from tests.unit_tests.core.tensor_parallel.conftest import run_on_gloo  # noqa: F401 (pytest fixture)
 from tests.unit_tests.core.transformer.mla_helpers import (
     BATCH,
     HIDDEN,

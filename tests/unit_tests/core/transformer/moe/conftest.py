@@ -1,4 +1,4 @@
-"""MoE tests: a tiny MoE config and layer builder, and the gloo launcher of the tensor-parallel tests."""
+"""MoE tests: a tiny MoE config and layer builder."""
 
 import torch
 import torch.nn.functional as F
@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from tests.unit_tests.core.tensor_parallel.conftest import run_on_gloo  # noqa: F401 (pytest fixture)
 
 
 def moe_config(**fields) -> TransformerConfig:
