@@ -47,6 +47,12 @@ def _parallel_ranks():
     )
 
 
+def _expert_parallel_rank_and_size():
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+
+
 def get_checkpoint_name(
     checkpoints_path,
     iteration,
@@ -54,12 +60,15 @@ def get_checkpoint_name(
     pipeline_parallel=None,
     tensor_rank=None,
     pipeline_rank=None,
+    expert_parallel=None,
+    expert_rank=None,
     return_base_dir=False,
     basename=CHECKPOINT_BASENAME,
 ):
-    """Path of one rank's checkpoint file: PATH/iter_0000100/mp_rank_00[_000]/model_optim_rng.pt.
+    """Path of one rank's checkpoint file: PATH/iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt.
 
-    Ranks left as None are this process's own; `pipeline_parallel` None means "pipeline size > 1".
+    Ranks left as None are this process's own; `pipeline_parallel` None means "pipeline size > 1",
+    `expert_parallel` None "expert-parallel size > 1" (Megatron's layout: each EEE holds its local experts).
     """
     directory = "release" if release else f"iter_{iteration:07d}"
     if return_base_dir:
@@ -75,6 +84,11 @@ def get_checkpoint_name(
         rank_directory = f"mp_rank_{tensor_rank:02d}_{pipeline_rank:03d}"
     else:
         rank_directory = f"mp_rank_{tensor_rank:02d}"
+    own_expert_rank, expert_size = _expert_parallel_rank_and_size()
+    if expert_parallel is None:
+        expert_parallel = expert_size > 1
+    if expert_parallel:
+        rank_directory += f"_{own_expert_rank if expert_rank is None else expert_rank:03d}"
     return os.path.join(checkpoints_path, directory, rank_directory, basename)
 
 
@@ -132,11 +146,18 @@ MODEL_SHAPING_ARGS = (
     "add_bias_linear",
     "add_qkv_bias",
     "padded_vocab_size",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_layer_freq",
 )
 # Flags that change what the weights compute but not their shapes: a resumed run must agree with the
 # checkpoint unless --override-checkpoint-args; --use-checkpoint-args takes them too.
 MODEL_MATHS_ARGS = (
     "apply_residual_connection_post_layernorm",
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
     "norm_epsilon",
     "rotary_base",
     "rotary_percent",
@@ -156,7 +177,7 @@ CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS + (
     "vocab_size",
     "make_vocab_size_divisible_by",
 )
-PARALLEL_LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+PARALLEL_LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
 
 
 def _rank_and_world():
@@ -334,7 +355,8 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     distributed_optimizer_state = (
         optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None
     )
-    if parallel_state.get_data_parallel_rank() == 0:
+    # Expert-data-parallel rank 0: data-parallel rank 0, and with expert parallelism one rank per expert group.
+    if parallel_state.get_data_modulo_expert_parallel_rank(with_context_parallel=True) == 0:
         state_dict = {
             "args": args,
             "checkpoint_version": 3.0,
@@ -513,7 +535,8 @@ def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
         getattr(checkpoint_args, name, None) not in (None, getattr(args, name)) for name in PARALLEL_LAYOUT_ARGS
     )
     hint = (
-        "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size"
+        "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size/"
+        "--target-expert-parallel-size"
         if layout_changed
         else "use the checkpoint's values (or --use-checkpoint-args), or force it with --override-checkpoint-args"
     )
@@ -533,14 +556,16 @@ def _load_model_weights(model, state_dict: dict, checkpoint_name: str, strict: b
             raise CheckpointError(f"{checkpoint_name} does not fit the model: {details}") from None
 
 
-def _saved_layout(iteration_directory: str):
-    """(tensor, pipeline) parallel sizes of the mp_rank_TT[_PPP] directories present, or None if there are none."""
+def _saved_layout(iteration_directory: str, expert_parallel: bool = False):
+    """(tensor, pipeline) parallel sizes of the mp_rank_TT[_PPP][_EEE] directories present, or None if there are
+    none; with `expert_parallel` a lone three-digit suffix is the expert rank (Megatron's names are ambiguous)."""
     tensor_ranks, pipeline_ranks = set(), set()
     for name in os.listdir(iteration_directory) if os.path.isdir(iteration_directory) else []:
-        match = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?", name)
+        match = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?(_\d\d\d)?", name)
         if match:
             tensor_ranks.add(int(match.group(1)))
-            pipeline_ranks.add(int(match.group(2) or 0))
+            lone_expert_suffix = expert_parallel and match.group(3) is None
+            pipeline_ranks.add(0 if lone_expert_suffix else int(match.group(2) or 0))
     if not tensor_ranks:
         return None
     return max(tensor_ranks) + 1, max(pipeline_ranks) + 1
@@ -548,7 +573,7 @@ def _saved_layout(iteration_directory: str):
 
 def _check_saved_layout(iteration_directory: str, args) -> None:
     """A checkpoint is read at the TP/PP layout it was written with; another layout needs conversion first."""
-    saved = _saved_layout(iteration_directory)
+    saved = _saved_layout(iteration_directory, args.expert_model_parallel_size > 1)
     current = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     if saved is None or saved == current:
         return

@@ -2,7 +2,7 @@
 per-layer choice between it and the dense MLP that --moe-layer-freq makes."""
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -31,15 +31,19 @@ def get_moe_module_spec(use_te: bool = False, num_experts: int = None, moe_group
     )
 
 
+def moe_layer_pattern(moe_layer_freq: Union[int, List[int]], num_layers: int) -> List[bool]:
+    """Which layers are MoE under --moe-layer-freq: an int N means layers 0, N, 2N, ... (0-based); a list
+    holds one 0/1 per layer."""
+    if isinstance(moe_layer_freq, int):
+        return [layer % moe_layer_freq == 0 for layer in range(num_layers)]
+    return [bool(flag) for flag in moe_layer_freq]
+
+
 def is_moe_layer(config: TransformerConfig, layer_number: int) -> bool:
-    """Whether decoder layer `layer_number` (1-based, whole model) is MoE under config.moe_layer_freq: an int N
-    means layers 1, N+1, 2N+1, ...; a list holds one 0/1 per layer."""
+    """Whether decoder layer `layer_number` (1-based, whole model) is MoE in this config."""
     if config.num_moe_experts is None:
         return False
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return (layer_number - 1) % freq == 0
-    return bool(freq[layer_number - 1])
+    return moe_layer_pattern(config.moe_layer_freq, config.num_layers)[layer_number - 1]
 
 
 @dataclass
