@@ -556,32 +556,44 @@ def _load_model_weights(model, state_dict: dict, checkpoint_name: str, strict: b
             raise CheckpointError(f"{checkpoint_name} does not fit the model: {details}") from None
 
 
-def _saved_layout(iteration_directory: str, expert_parallel: bool = False):
-    """(tensor, pipeline) parallel sizes of the mp_rank_TT[_PPP][_EEE] directories present, or None if there are
-    none; with `expert_parallel` a lone three-digit suffix is the expert rank (Megatron's names are ambiguous)."""
-    tensor_ranks, pipeline_ranks = set(), set()
-    for name in os.listdir(iteration_directory) if os.path.isdir(iteration_directory) else []:
-        match = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?(_\d\d\d)?", name)
-        if match:
-            tensor_ranks.add(int(match.group(1)))
-            lone_expert_suffix = expert_parallel and match.group(3) is None
-            pipeline_ranks.add(0 if lone_expert_suffix else int(match.group(2) or 0))
-    if not tensor_ranks:
-        return None
-    return max(tensor_ranks) + 1, max(pipeline_ranks) + 1
+def _rank_directory_names(iteration_directory: str) -> set:
+    if not os.path.isdir(iteration_directory):
+        return set()
+    return {name for name in os.listdir(iteration_directory) if re.fullmatch(r"mp_rank_\d\d(_\d\d\d){0,2}", name)}
+
+
+def _describe_saved_layout(names: set) -> str:
+    """The layout rank directories mp_rank_TT[_PPP][_EEE] show; a lone suffix is a pipeline or an expert rank
+    (Megatron's names do not say which)."""
+    parts = [[int(part) for part in name.split("_")[2:]] for name in names]
+    sizes = [1 + max(ranks[index] for ranks in parts) if all(len(ranks) > index for ranks in parts) else 1 for index in range(3)]
+    suffixes = max(len(ranks) for ranks in parts) - 1
+    if suffixes == 2:
+        return f"tensor-parallel {sizes[0]} x pipeline-parallel {sizes[1]} x expert-parallel {sizes[2]}"
+    if suffixes == 1:
+        return f"tensor-parallel {sizes[0]} x pipeline-parallel {sizes[1]} (or expert-parallel {sizes[1]})"
+    return f"tensor-parallel {sizes[0]} x pipeline-parallel 1"
 
 
 def _check_saved_layout(iteration_directory: str, args) -> None:
-    """A checkpoint is read at the TP/PP layout it was written with; another layout needs conversion first."""
-    saved = _saved_layout(iteration_directory, args.expert_model_parallel_size > 1)
-    current = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    if saved is None or saved == current:
+    """A checkpoint is read at the TP/PP/EP layout it was written with; another layout needs conversion first."""
+    names = _rank_directory_names(iteration_directory)
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    expected = {
+        os.path.basename(os.path.dirname(get_checkpoint_name("", 0, False, pp > 1, t, p, ep > 1, e)))
+        for t in range(tp)
+        for p in range(pp)
+        for e in range(ep)
+    }
+    # Missing rank directories of the right layout are reported when that rank reads its file.
+    if not names or (names <= expected and _describe_saved_layout(names) == _describe_saved_layout(expected)):
         return
+    current = f"tensor-parallel {tp} x pipeline-parallel {pp}" + (f" x expert-parallel {ep}" if ep > 1 else "")
     raise CheckpointError(
-        f"{iteration_directory} was saved at tensor-parallel {saved[0]} x pipeline-parallel {saved[1]} but this run "
-        f"uses tensor-parallel {current[0]} x pipeline-parallel {current[1]}; re-shard it first: python "
-        f"tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir {os.path.dirname(iteration_directory)} "
-        f"--save-dir NEW_DIR --target-tensor-parallel-size {current[0]} --target-pipeline-parallel-size {current[1]}"
+        f"{iteration_directory} was saved at {_describe_saved_layout(names)} but this run uses {current}; re-shard "
+        f"it first: python tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir "
+        f"{os.path.dirname(iteration_directory)} --save-dir NEW_DIR --target-tensor-parallel-size {tp} "
+        f"--target-pipeline-parallel-size {pp} --target-expert-parallel-size {ep}"
     )
 
 
