@@ -121,7 +121,7 @@ def get_megatron_optimizer(
 def _expert_model_parallel_stats_group(model_chunks: List[torch.nn.Module]):
     """Where routed experts' gradient norms sum (tensor x expert x pipeline parallel ranks), for a model with
     experts under initialised parallel state; None otherwise (everything sums over the model-parallel group)."""
-    has_experts = any(getattr(chunk.config, "num_moe_experts", None) for chunk in model_chunks)
+    has_experts = any(getattr(getattr(chunk, "config", None), "num_moe_experts", None) for chunk in model_chunks)
     if not has_experts or not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_model_parallel_group(with_expert_parallel=True)
