@@ -333,10 +333,8 @@ def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDi
         if (t, p, e) not in files
     ]
     if missing:
-        raise ConversionError(
-            f"{directory} lacks {', '.join(missing)} of its {tp} x {pp} x {ep} (tensor x pipeline x expert) layout: "
-            "the checkpoint is incomplete"
-        )
+        layout = f"{tp} x {pp} x {ep} (tensor x pipeline x expert)" if ep > 1 else f"{tp} x {pp} (tensor x pipeline)"
+        raise ConversionError(f"{directory} lacks {', '.join(missing)} of its {layout} layout: the checkpoint is incomplete")
     args, legacy, stages = _fill_missing_model_args(saved), False, []
     rules = tensor_parallel_rules(args)
     for pipeline_rank in range(pp):
