@@ -1299,6 +1299,7 @@ def _add_moe_args(parser):
     add("--moe-router-dtype", choices=["fp32", "fp64"], default=None, help="Router logits' dtype.")
     add("--moe-router-enable-expert-bias", action="store_true", help="Aux-loss-free expert bias (sigmoid router).")
     add("--moe-router-bias-update-rate", type=float, default=1e-3, help="Expert-bias step per global batch.")
+    add("--moe-router-force-load-balancing", action="store_true", help="Benchmarks: route on random logits.")
     add(
         "--moe-router-load-balancing-type",
         nargs="+",

@@ -698,7 +698,8 @@ def load_args_from_checkpoint(args, load_arg: str = "load") -> None:
     located = _locate_checkpoint(checkpoints_path, args.ckpt_step, exit_on_missing=True)
     iteration, release = located
     checkpoint_name = get_checkpoint_name(
-        checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0, pipeline_rank=0
+        checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0,
+        pipeline_rank=0, expert_parallel=args.expert_model_parallel_size > 1, expert_rank=0,
     )
     if args.verify_checkpoint:
         _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)

@@ -11,6 +11,9 @@ the next forward pass reaches a module that uses one of its weights (a forward p
 later buckets overlaps the forward computation of earlier layers. One gather is in flight at a time and they
 are issued in the same order on every rank (gloo may pair concurrently queued collectives differently).
 
+Routed experts (`allreduce=False`) live in DDP's expert buffers, which are reduced and sharded over the
+expert-data-parallel group instead: every buffer uses its own group and this rank's place in it.
+
 The checkpointed parameter state (`distrib_optim.pt`) is gathered on data-parallel rank 0 in the buffers'
 unpadded parameter order, so it does not depend on the data-parallel size it was saved at: loading at
 another size re-partitions it.

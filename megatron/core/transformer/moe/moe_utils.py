@@ -99,6 +99,29 @@ def all_to_all(group, input_: torch.Tensor, output_split_sizes: List[int], input
     return _AllToAll.apply(group, input_, list(output_split_sizes), list(input_split_sizes))
 
 
+class _RandomLogits(torch.autograd.Function):
+    """Standard-normal logits from a generator of their own (seeded 42, so the training RNG is untouched);
+    the gradient passes straight through to the real logits."""
+
+    generators: dict = {}
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        generator = _RandomLogits.generators.get(logits.device)
+        if generator is None:
+            generator = _RandomLogits.generators[logits.device] = torch.Generator(logits.device).manual_seed(42)
+        return torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output
+
+
+def apply_random_logits(logits: torch.Tensor) -> torch.Tensor:
+    """--moe-router-force-load-balancing: random routing logits for benchmarks (Megatron's RandomSTE)."""
+    return _RandomLogits.apply(logits)
+
+
 def group_limited_topk(
     scores: torch.Tensor, topk: int, num_tokens: int, num_experts: int, num_groups: int, group_topk: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
