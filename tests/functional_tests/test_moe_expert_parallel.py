@@ -95,9 +95,25 @@ def test_expert_parallel_matches_the_single_process_run(single_process, expert_p
         assert torch.count_nonzero(state[prefix + "router.expert_bias"]) > 0
 
 
-def test_expert_parallel_with_the_distributed_optimizer_and_all_gather(data_path, single_process):
+@pytest.mark.parametrize(
+    "extra",
+    [["--expert-model-parallel-size", 2, "--use-distributed-optimizer"], ["--pipeline-model-parallel-size", 2]],
+    ids=["ep2-distopt-allgather", "pp2-dense-and-moe-stages"],
+)
+def test_other_layouts_match_the_single_process_run(data_path, single_process, extra):
+    _assert_close(_train(_flags(data_path, *extra), nproc=2), single_process[0])
+
+
+def test_distributed_optimizer_checkpoint_resumes_at_ep2(data_path, single_process, tmp_path):
+    """Each expert-parallel rank saves its experts' optimizer shards beside them (distrib_optim.pt)."""
     flags = _flags(data_path, "--expert-model-parallel-size", 2, "--use-distributed-optimizer")
-    _assert_close(_train(flags, nproc=2), single_process[0])
+    saved = run_pretrain([*flags, "--save", tmp_path, "--save-interval", 5, "--exit-interval", 5], nproc=2)
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    for expert_rank in range(2):
+        assert (tmp_path / "iter_0000005" / f"mp_rank_00_{expert_rank:03d}" / "distrib_optim.pt").is_file()
+    resumed = _train_from([*flags, "--load", tmp_path], nproc=2)
+    assert sorted(resumed) == list(range(6, TRAIN_ITERS + 1))
+    _assert_close(resumed, single_process[0])
 
 
 def test_expert_parallel_checkpoint_resumes_at_ep1_after_conversion(data_path, expert_parallel, tmp_path):
