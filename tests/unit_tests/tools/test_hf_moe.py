@@ -43,6 +43,23 @@ def test_logits_match_transformers(family, convert, load_converted, tmp_path):
     assert (ours - reference).abs().max() <= 1e-4 * scale
 
 
+def test_training_loss_matches_transformers(family, convert, load_converted, tmp_path):
+    """Routing in training mode (the aux loss attached, not added to the LM loss) gives transformers' loss."""
+    from transformers import AutoModelForCausalLM
+
+    name, hf_dir = family
+    _to_megatron(convert, name, hf_dir, tmp_path / "mg")
+    model, _ = load_converted(tmp_path / "mg")
+    model.train()
+    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    loss = model(inputs, torch.arange(inputs.size(1)).expand_as(inputs), None, labels=labels).mean()
+    loss.backward()
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens, labels=tokens).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
+
+
 def test_round_trip_through_expert_parallel_is_bit_identical(family, convert, tmp_path):
     name, hf_dir = family
     _to_megatron(convert, name, hf_dir, tmp_path / "ep2", "--target-expert-parallel-size", 2)
