@@ -219,6 +219,7 @@ def validate_args(args, defaults=None):
     _check_checkpointing(args)
     _check_device(args)
     _check_logging(args)
+    _validate_moe_args(args)
     validate_model_args(args)
     _validate_data_args(args)
     _validate_data_parallel_args(args)
@@ -947,18 +948,6 @@ def add_model_stack_args(parser):
     return parser
 
 
-MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args)
-
-
-def model_flag_parser(*extra_groups) -> argparse.ArgumentParser:
-    """A parser of the flags that describe the model (plus `extra_groups`), for the tools that read or write
-    a model without training it."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for add_group in (*MODEL_FLAG_GROUPS, *extra_groups):
-        add_group(parser)
-    return parser
-
-
 class ModelArgumentsError(ArgumentsError):
     """Model flags that contradict each other; the message names the flags and the fix."""
 
@@ -1287,9 +1276,6 @@ def _add_megatron_api_args(parser):
         help="Average the loss over all non-padded tokens of the global batch instead of per micro batch.",
     )
     group.add_argument("--context-parallel-size", type=int, default=1, help="Context-parallel size.")
-    group.add_argument("--expert-model-parallel-size", type=int, default=1, help="Expert-parallel size.")
-    group.add_argument("--num-experts", type=int, default=None, help="Experts per MoE layer (None: dense MLP).")
-    group.add_argument("--moe-grouped-gemm", action="store_true", help="Grouped GEMM for the experts.")
     group.add_argument("--fp8", default=None, choices=["e4m3", "hybrid"], help="FP8 training format.")
     group.add_argument("--fp8-param-gather", action="store_true", help="Keep FP8 parameters for the gather.")
     group.add_argument(
@@ -1316,13 +1302,134 @@ def _validate_megatron_api_args(args):
     """Flags accepted for Megatron's scripts whose features come with later issues: one clear error each."""
     not_yet = {
         "--context-parallel-size": args.context_parallel_size != 1,
-        "--expert-model-parallel-size": args.expert_model_parallel_size != 1,
-        "--num-experts (MoE)": args.num_experts is not None,
         "--fp8": args.fp8 is not None,
         "--fp8-param-gather": args.fp8_param_gather,
     }
     for flag, used in not_yet.items():
         _require(not used, f"{flag} is not supported yet; leave it at its default")
+
+
+def moe_layer_freq_type(text):
+    """--moe-layer-freq: an int N (a MoE layer every N layers) or a list expression of 0/1 per layer such as
+    "([0]*3+[1]*58)" (Megatron's syntax), read without eval: only integers, lists, + and *."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(item) for item in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError(text)
+
+    try:
+        pattern = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        pattern = None
+    if not isinstance(pattern, list):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an integer nor a list expression of 0/1 such as \"([0]*1+[1]*3)\""
+        )
+    return pattern
+
+
+def _add_moe_args(parser):
+    """Mixture-of-experts flags (Megatron-LM's names; MindSpeed's --first-k-dense-replace and
+    --n-shared-experts as aliases). They become TransformerConfig's moe_* fields."""
+    group = parser.add_argument_group(title="moe")
+    add = group.add_argument
+    add("--num-experts", type=int, default=None, help="Routed experts per MoE layer (None: dense MLP).")
+    add("--expert-model-parallel-size", type=int, default=1, help="Expert-parallel size (divides --num-experts).")
+    add("--expert-tensor-parallel-size", type=int, default=None, help="Tensor parallelism inside experts.")
+    add("--moe-ffn-hidden-size", type=int, default=None, help="Width of one routed expert (default --ffn-hidden-size).")
+    add("--moe-shared-expert-intermediate-size", type=int, default=None, help="Total width of the shared experts.")
+    add("--moe-shared-expert-gate", action="store_true", help="Sigmoid gate on the shared-expert output.")
+    add("--moe-shared-expert-overlap", action="store_true", help="Overlap shared experts with dispatch (no effect).")
+    add("--moe-layer-freq", type=moe_layer_freq_type, default=1, help='Int N or a 0/1 list such as "([0]*1+[1]*3)".')
+    add("--moe-router-topk", type=int, default=2, help="Experts per token.")
+    add("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax", help="Router scores.")
+    add("--moe-router-pre-softmax", action="store_true", help="Softmax over all experts before the top-k.")
+    add("--moe-router-topk-scaling-factor", type=float, default=None, help="Multiply the routing weights.")
+    add("--moe-router-num-groups", type=int, default=None, help="Expert groups for group-limited routing.")
+    add("--moe-router-group-topk", type=int, default=None, help="Groups each token may use.")
+    add("--moe-router-dtype", choices=["fp32", "fp64"], default=None, help="Router logits' dtype.")
+    add("--moe-router-enable-expert-bias", action="store_true", help="Aux-loss-free expert bias (sigmoid router).")
+    add("--moe-router-bias-update-rate", type=float, default=1e-3, help="Expert-bias step per global batch.")
+    add("--moe-router-force-load-balancing", action="store_true", help="Benchmarks: route on random logits.")
+    add(
+        "--moe-router-load-balancing-type",
+        nargs="+",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+        default=["aux_loss"],
+        help="Balancing losses (one --moe-aux-loss-coeff each).",
+    )
+    add("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0], help="Aux-loss coefficients.")
+    add("--moe-z-loss-coeff", type=float, default=None, help="Router z-loss coefficient.")
+    add("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather", help="Dispatcher.")
+    add("--moe-grouped-gemm", action="store_true", help="All local experts in one grouped GEMM.")
+    add("--moe-expert-capacity-factor", type=float, default=None, help="Capacity per expert (None: dropless).")
+    add("--moe-pad-expert-input-to-capacity", action="store_true", help="Pad every expert to its capacity.")
+    add("--moe-token-drop-policy", choices=["probs", "position"], default="probs", help="Which tokens to drop.")
+    add("--moe-per-layer-logging", action="store_true", help="TensorBoard MoE losses per layer.")
+    add("--first-k-dense-replace", type=int, default=None, help="MindSpeed: the first k layers dense (-1: none).")
+    add("--n-shared-experts", type=int, default=None, help="MindSpeed: shared experts of --moe-ffn-hidden-size.")
+    return parser
+
+
+def _single_or_list(values):
+    return values[0] if len(values) == 1 else values
+
+
+def _validate_moe_args(args):
+    """Flag-only MoE rules and the MindSpeed aliases; the model rules live in TransformerConfig._check_moe."""
+    args.moe_router_load_balancing_type = _single_or_list(args.moe_router_load_balancing_type)
+    args.moe_aux_loss_coeff = _single_or_list(args.moe_aux_loss_coeff)
+    if args.num_experts is None:
+        return
+    _require(
+        not args.use_legacy_models,
+        "--num-experts needs the mcore stack: MoE layers are not built by --use-legacy-models; drop that flag",
+    )
+    _require(
+        args.data_parallel_size % args.expert_model_parallel_size == 0,
+        f"data-parallel size {args.data_parallel_size} is not divisible by --expert-model-parallel-size "
+        f"{args.expert_model_parallel_size}; launch a multiple of TP x PP x EP processes",
+    )
+    if args.first_k_dense_replace is not None and args.first_k_dense_replace >= 0:
+        _require(
+            isinstance(args.moe_layer_freq, int),
+            "--first-k-dense-replace takes an integer --moe-layer-freq; give the whole pattern as a list instead",
+        )
+        k, freq = args.first_k_dense_replace, args.moe_layer_freq
+        args.moe_layer_freq = [int(layer >= k and layer % freq == 0) for layer in range(args.num_layers)]
+    if args.n_shared_experts is not None:
+        expert_width = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        _require(expert_width is not None, "--n-shared-experts needs --moe-ffn-hidden-size (the width of one expert)")
+        shared = args.n_shared_experts * expert_width
+        _require(
+            args.moe_shared_expert_intermediate_size in (None, shared),
+            f"--n-shared-experts {args.n_shared_experts} gives a shared width {shared} but "
+            f"--moe-shared-expert-intermediate-size is {args.moe_shared_expert_intermediate_size}; give one of them",
+        )
+        args.moe_shared_expert_intermediate_size = shared or None
+
+
+MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args)
+
+
+def model_flag_parser(*extra_groups) -> argparse.ArgumentParser:
+    """A parser of the flags that describe the model (plus `extra_groups`), for the tools that read or write
+    a model without training it."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for add_group in (*MODEL_FLAG_GROUPS, *extra_groups):
+        add_group(parser)
+    return parser
 
 
 ARGUMENT_GROUPS = [
@@ -1343,4 +1450,5 @@ ARGUMENT_GROUPS = [
     add_data_args,
     _add_pipeline_args,
     _add_megatron_api_args,
+    _add_moe_args,
 ]

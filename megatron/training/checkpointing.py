@@ -31,7 +31,8 @@ CHECKPOINT_BASENAME = "model_optim_rng.pt"
 DISTRIBUTED_OPTIMIZER_BASENAME = "distrib_optim.pt"
 TRACKER_BASENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's checkpoint_version for this layout
-RANK_DIRECTORY_NAME = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")  # (tensor rank, pipeline rank or None)
+# mp_rank_TT[_PPP][_EEE]: tensor rank, then pipeline and/or expert rank (a lone suffix is either; the layout says)
+RANK_DIRECTORY_NAME = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -49,6 +50,12 @@ def _parallel_ranks():
     )
 
 
+def _expert_parallel_rank_and_size():
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+
+
 def get_checkpoint_name(
     checkpoints_path,
     iteration,
@@ -56,12 +63,15 @@ def get_checkpoint_name(
     pipeline_parallel=None,
     tensor_rank=None,
     pipeline_rank=None,
+    expert_parallel=None,
+    expert_rank=None,
     return_base_dir=False,
     basename=CHECKPOINT_BASENAME,
 ):
-    """Path of one rank's checkpoint file: PATH/iter_0000100/mp_rank_00[_000]/model_optim_rng.pt.
+    """Path of one rank's checkpoint file: PATH/iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt.
 
-    Ranks left as None are this process's own; `pipeline_parallel` None means "pipeline size > 1".
+    Ranks left as None are this process's own; `pipeline_parallel` None means "pipeline size > 1",
+    `expert_parallel` None "expert-parallel size > 1" (Megatron's layout: each EEE holds its local experts).
     """
     directory = "release" if release else f"iter_{iteration:07d}"
     if return_base_dir:
@@ -77,6 +87,11 @@ def get_checkpoint_name(
         rank_directory = f"mp_rank_{tensor_rank:02d}_{pipeline_rank:03d}"
     else:
         rank_directory = f"mp_rank_{tensor_rank:02d}"
+    own_expert_rank, expert_size = _expert_parallel_rank_and_size()
+    if expert_parallel is None:
+        expert_parallel = expert_size > 1
+    if expert_parallel:
+        rank_directory += f"_{own_expert_rank if expert_rank is None else expert_rank:03d}"
     return os.path.join(checkpoints_path, directory, rank_directory, basename)
 
 
@@ -134,11 +149,18 @@ MODEL_SHAPING_ARGS = (
     "add_bias_linear",
     "add_qkv_bias",
     "padded_vocab_size",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_layer_freq",
 )
 # Flags that change what the weights compute but not their shapes: a resumed run must agree with the
 # checkpoint unless --override-checkpoint-args; --use-checkpoint-args takes them too.
 MODEL_MATHS_ARGS = (
     "apply_residual_connection_post_layernorm",
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
     "norm_epsilon",
     "rotary_base",
     "rotary_percent",
@@ -158,7 +180,7 @@ CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS + (
     "vocab_size",
     "make_vocab_size_divisible_by",
 )
-PARALLEL_LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+PARALLEL_LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
 
 
 def _rank_and_world():
@@ -337,7 +359,8 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     distributed_optimizer_state = (
         optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None
     )
-    if parallel_state.get_data_parallel_rank() == 0:
+    # Expert-data-parallel rank 0: data-parallel rank 0, and with expert parallelism one rank per expert group.
+    if parallel_state.get_data_modulo_expert_parallel_rank(with_context_parallel=True) == 0:
         state_dict = {
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -516,7 +539,8 @@ def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
         getattr(checkpoint_args, name, None) not in (None, getattr(args, name)) for name in PARALLEL_LAYOUT_ARGS
     )
     hint = (
-        "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size"
+        "re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size/--target-pipeline-parallel-size/"
+        "--target-expert-parallel-size"
         if layout_changed
         else "use the checkpoint's values (or --use-checkpoint-args), or force it with --override-checkpoint-args"
     )
@@ -536,30 +560,44 @@ def _load_model_weights(model, state_dict: dict, checkpoint_name: str, strict: b
             raise CheckpointError(f"{checkpoint_name} does not fit the model: {details}") from None
 
 
-def _saved_layout(iteration_directory: str):
-    """(tensor, pipeline) parallel sizes of the mp_rank_TT[_PPP] directories present, or None if there are none."""
-    tensor_ranks, pipeline_ranks = set(), set()
-    for name in os.listdir(iteration_directory) if os.path.isdir(iteration_directory) else []:
-        match = RANK_DIRECTORY_NAME.match(name)
-        if match:
-            tensor_ranks.add(int(match.group(1)))
-            pipeline_ranks.add(int(match.group(2) or 0))
-    if not tensor_ranks:
-        return None
-    return max(tensor_ranks) + 1, max(pipeline_ranks) + 1
+def _rank_directory_names(iteration_directory: str) -> set:
+    if not os.path.isdir(iteration_directory):
+        return set()
+    return {name for name in os.listdir(iteration_directory) if RANK_DIRECTORY_NAME.match(name)}
+
+
+def _describe_saved_layout(names: set) -> str:
+    """The layout rank directories mp_rank_TT[_PPP][_EEE] show; a lone suffix is a pipeline or an expert rank
+    (Megatron's names do not say which)."""
+    parts = [[int(part) for part in name.split("_")[2:]] for name in names]
+    sizes = [1 + max(ranks[index] for ranks in parts) if all(len(ranks) > index for ranks in parts) else 1 for index in range(3)]
+    suffixes = max(len(ranks) for ranks in parts) - 1
+    if suffixes == 2:
+        return f"tensor-parallel {sizes[0]} x pipeline-parallel {sizes[1]} x expert-parallel {sizes[2]}"
+    if suffixes == 1:
+        return f"tensor-parallel {sizes[0]} x pipeline-parallel {sizes[1]} (or expert-parallel {sizes[1]})"
+    return f"tensor-parallel {sizes[0]} x pipeline-parallel 1"
 
 
 def _check_saved_layout(iteration_directory: str, args) -> None:
-    """A checkpoint is read at the TP/PP layout it was written with; another layout needs conversion first."""
-    saved = _saved_layout(iteration_directory)
-    current = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    if saved is None or saved == current:
+    """A checkpoint is read at the TP/PP/EP layout it was written with; another layout needs conversion first."""
+    names = _rank_directory_names(iteration_directory)
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    expected = {
+        os.path.basename(os.path.dirname(get_checkpoint_name("", 0, False, pp > 1, t, p, ep > 1, e)))
+        for t in range(tp)
+        for p in range(pp)
+        for e in range(ep)
+    }
+    # Missing rank directories of the right layout are reported when that rank reads its file.
+    if not names or (names <= expected and _describe_saved_layout(names) == _describe_saved_layout(expected)):
         return
+    current = f"tensor-parallel {tp} x pipeline-parallel {pp}" + (f" x expert-parallel {ep}" if ep > 1 else "")
     raise CheckpointError(
-        f"{iteration_directory} was saved at tensor-parallel {saved[0]} x pipeline-parallel {saved[1]} but this run "
-        f"uses tensor-parallel {current[0]} x pipeline-parallel {current[1]}; re-shard it first: python "
-        f"tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir {os.path.dirname(iteration_directory)} "
-        f"--save-dir NEW_DIR --target-tensor-parallel-size {current[0]} --target-pipeline-parallel-size {current[1]}"
+        f"{iteration_directory} was saved at {_describe_saved_layout(names)} but this run uses {current}; re-shard "
+        f"it first: python tools/checkpoint/convert.py --load-model-type mg --save-model-type mg --load-dir "
+        f"{os.path.dirname(iteration_directory)} --save-dir NEW_DIR --target-tensor-parallel-size {tp} "
+        f"--target-pipeline-parallel-size {pp} --target-expert-parallel-size {ep}"
     )
 
 
@@ -664,7 +702,8 @@ def load_args_from_checkpoint(args, load_arg: str = "load") -> None:
     located = _locate_checkpoint(checkpoints_path, args.ckpt_step, exit_on_missing=True)
     iteration, release = located
     checkpoint_name = get_checkpoint_name(
-        checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0, pipeline_rank=0
+        checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0,
+        pipeline_rank=0, expert_parallel=args.expert_model_parallel_size > 1, expert_rank=0,
     )
     if args.verify_checkpoint:
         _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)

@@ -33,6 +33,7 @@ def core_transformer_config_from_args(args, config_class=TransformerConfig) -> T
     kwargs["num_layers_in_first_pipeline_stage"] = getattr(args, "decoder_first_pipeline_num_layers", None)
     kwargs["num_layers_in_last_pipeline_stage"] = getattr(args, "decoder_last_pipeline_num_layers", None)
     kwargs["attention_backend"] = AttnBackend.flash if args.use_flash_attn else AttnBackend.auto
+    kwargs["num_moe_experts"] = getattr(args, "num_experts", None)
     if args.swiglu:
         kwargs["activation_func"] = F.silu
         kwargs["gated_linear_unit"] = True

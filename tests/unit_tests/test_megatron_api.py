@@ -135,8 +135,7 @@ def test_import_module_and_layer_spec_errors():
     assert isinstance(spec(None, False, True), ModuleSpec)
     with pytest.raises(UserError, match="no attribute"):
         import_module(["megatron.core.models.gpt.gpt_layer_specs", "missing"])
-    with pytest.raises(UserError, match="MoE layers are not yet supported"):
-        gpt_layer_specs.get_gpt_layer_local_spec(8, True, False)
+    assert gpt_layer_specs.get_gpt_layer_local_spec(8, True, False).submodules.mlp.submodules.moe is not None
     with pytest.raises(UserError, match="transformer_engine|Transformer Engine"):
         gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(None, False, False, None)
 

@@ -8,6 +8,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import pickle
 import shutil
 from typing import Dict, List, Optional, Tuple
@@ -39,6 +40,7 @@ from megatron.training.tokenizer import vocab_size_with_padding
 from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
 
 StateDict = Dict[str, torch.Tensor]
+_EXPERT_KEY = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
 def model_args(
@@ -49,6 +51,7 @@ def model_args(
     pipeline_parallel_size: int,
     use_legacy_models: bool,
     uneven_stage_layers: Tuple[Optional[int], Optional[int]] = (None, None),
+    expert_parallel_size: int = 1,
 ) -> argparse.Namespace:
     """The model-shaping args saved in a checkpoint, from model flags plus vocabulary and layout
     (`uneven_stage_layers`: the first and last pipeline stages' layer counts, None for an even share)."""
@@ -57,13 +60,17 @@ def model_args(
     args.use_mcore_models = not use_legacy_models
     args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers = uneven_stage_layers
     return _complete_args(
-        args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size
+        args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size,
+        expert_parallel_size,
     )
 
 
-def _complete_args(args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size):
+def _complete_args(
+    args, true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
+):
     args.tensor_model_parallel_size = tensor_parallel_size
     args.pipeline_model_parallel_size = pipeline_parallel_size
+    args.expert_model_parallel_size = expert_parallel_size
     args.true_vocab_size = true_vocab_size
     args.make_vocab_size_divisible_by = make_vocab_size_divisible_by
     args.padded_vocab_size = vocab_size_with_padding(
@@ -74,7 +81,8 @@ def _complete_args(args, true_vocab_size, make_vocab_size_divisible_by, tensor_p
     except ModelArgumentsError as error:
         raise ConversionError(
             f"the model cannot be laid out at tensor-parallel size {tensor_parallel_size} x pipeline-parallel size "
-            f"{pipeline_parallel_size} (--target-tensor-parallel-size / --target-pipeline-parallel-size / "
+            f"{pipeline_parallel_size} x expert-parallel size {expert_parallel_size} (--target-tensor-parallel-size / "
+            f"--target-pipeline-parallel-size / --target-expert-parallel-size / "
             f"--target-decoder-first|last-pipeline-num-layers): {error}"
         ) from None
     return args
@@ -86,6 +94,7 @@ def relayout_args(
     pipeline_parallel_size: int,
     use_legacy_models: bool,
     uneven_stage_layers: Tuple[Optional[int], Optional[int]] = (None, None),
+    expert_parallel_size: int = 1,
 ):
     """A checkpoint's args moved to another layout and stack (the padded vocabulary is recomputed; settings
     that only fit the old layout are dropped). An uneven pipeline split is kept at the same pipeline size
@@ -98,7 +107,8 @@ def relayout_args(
     if uneven_stage_layers != (None, None) or pipeline_parallel_size != args.pipeline_model_parallel_size:
         moved.decoder_first_pipeline_num_layers, moved.decoder_last_pipeline_num_layers = uneven_stage_layers
     return _complete_args(
-        moved, moved.true_vocab_size, moved.make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size
+        moved, moved.true_vocab_size, moved.make_vocab_size_divisible_by, tensor_parallel_size, pipeline_parallel_size,
+        expert_parallel_size,
     )
 
 
@@ -114,7 +124,7 @@ def unsplit_model(args, **overrides):
 
     unsplit = argparse.Namespace(**vars(args))
     unsplit.use_legacy_models = False
-    unsplit.tensor_model_parallel_size = unsplit.pipeline_model_parallel_size = 1
+    unsplit.tensor_model_parallel_size = unsplit.pipeline_model_parallel_size = unsplit.expert_model_parallel_size = 1
     unsplit.sequence_parallel = False
     unsplit.decoder_first_pipeline_num_layers = unsplit.decoder_last_pipeline_num_layers = None
     unsplit.virtual_pipeline_model_parallel_size = None
@@ -169,10 +179,45 @@ def _replace_directory(temporary: str, final: str) -> None:
         os.replace(temporary, final)
 
 
+def split_experts(state: StateDict, num_experts: Optional[int], expert_parallel_size: int) -> List[StateDict]:
+    """Megatron's expert-parallel split: rank e keeps every dense tensor and routed experts
+    [e * E / EP, (e + 1) * E / EP), renumbered from 0 (`local_experts.{i}` is local)."""
+    if expert_parallel_size == 1:
+        return [state]
+    per_rank = num_experts // expert_parallel_size
+    shards = [{} for _ in range(expert_parallel_size)]
+    for name, tensor in state.items():
+        match = _EXPERT_KEY.match(name)
+        if match is None:
+            for shard in shards:
+                shard[name] = tensor
+            continue
+        rank, local = divmod(int(match.group(2)), per_rank)
+        shards[rank][f"{match.group(1)}{local}{match.group(3)}"] = tensor
+    return shards
+
+
+def merge_experts(shards: List[StateDict], num_experts: Optional[int]) -> StateDict:
+    """The inverse of split_experts: global expert numbers, dense tensors from expert rank 0."""
+    if len(shards) == 1:
+        return shards[0]
+    per_rank = num_experts // len(shards)
+    merged = {}
+    for rank, shard in enumerate(shards):
+        for name, tensor in shard.items():
+            match = _EXPERT_KEY.match(name)
+            if match is None:
+                merged.setdefault(name, tensor)
+            else:
+                merged[f"{match.group(1)}{rank * per_rank + int(match.group(2))}{match.group(3)}"] = tensor
+    return merged
+
+
 def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
-    """Write the canonical state dict as SAVE/release/mp_rank_TT[_PPP]/model_optim_rng.pt for the layout and
-    stack in `args`, then the tracker "release"."""
+    """Write the canonical state dict as SAVE/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt for the layout
+    and stack in `args`, then the tracker "release"."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep = getattr(args, "expert_model_parallel_size", 1)
     tied = not args.untie_embeddings_and_output_weights
     rules = tensor_parallel_rules(args)
     os.makedirs(save_dir, exist_ok=True)
@@ -181,33 +226,41 @@ def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for pipeline_rank, stage in enumerate(split_pipeline(state, args.num_layers, pp, tied, *_uneven_stages(args))):
-            for tensor_rank, shard in enumerate(split_state_dict(stage, tp, rules)):
-                if args.use_legacy_models:
-                    shard = nest_legacy_state_dict(mcore_to_legacy_names(shard, tied))
-                final_name = get_checkpoint_name(
-                    save_dir,
-                    0,
-                    release=True,
-                    pipeline_parallel=pp > 1,
-                    tensor_rank=tensor_rank,
-                    pipeline_rank=pipeline_rank,
-                )
-                name = os.path.join(staging, os.path.relpath(final_name, release_dir))
-                os.makedirs(os.path.dirname(name), exist_ok=True)
-                torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": shard}, name)
+            for tensor_rank, tensor_shard in enumerate(split_state_dict(stage, tp, rules)):
+                for expert_rank, shard in enumerate(split_experts(tensor_shard, args.num_experts, ep)):
+                    if args.use_legacy_models:
+                        shard = nest_legacy_state_dict(mcore_to_legacy_names(shard, tied))
+                    final_name = get_checkpoint_name(
+                        save_dir,
+                        0,
+                        release=True,
+                        pipeline_parallel=pp > 1,
+                        tensor_rank=tensor_rank,
+                        pipeline_rank=pipeline_rank,
+                        expert_parallel=ep > 1,
+                        expert_rank=expert_rank,
+                    )
+                    name = os.path.join(staging, os.path.relpath(final_name, release_dir))
+                    os.makedirs(os.path.dirname(name), exist_ok=True)
+                    torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": shard}, name)
         _replace_directory(staging, release_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_tracker(save_dir, "release")
 
 
-def _rank_files(directory: str) -> Dict[Tuple[int, int], str]:
+def _rank_files(directory: str, pipeline_parallel: bool, expert_parallel: bool) -> Dict[Tuple[int, int, int], str]:
+    """{(tensor, pipeline, expert rank): file}; the suffixes of mp_rank_TT[_PPP][_EEE] are read by the layout
+    (Megatron's names alone cannot tell a pipeline rank from an expert rank)."""
     files = {}
     for entry in sorted(os.listdir(directory)):
         match = RANK_DIRECTORY_NAME.match(entry)
         if match:
-            ranks = (int(match.group(1)), int(match.group(2) or 0))
-            files[ranks] = os.path.join(directory, entry, CHECKPOINT_BASENAME)
+            suffixes = [int(group) for group in match.groups()[1:] if group is not None]
+            pipeline_rank = suffixes.pop(0) if pipeline_parallel and suffixes else 0
+            expert_rank = suffixes.pop(0) if expert_parallel and suffixes else 0
+            if not suffixes:
+                files[(int(match.group(1)), pipeline_rank, expert_rank)] = os.path.join(directory, entry, CHECKPOINT_BASENAME)
     return files
 
 
@@ -249,47 +302,51 @@ def _stack_state(checkpoint: dict, path: str) -> Tuple[List[StateDict], bool]:
 
 
 def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDict]:
-    """(args, canonical state dict) of a Megatron checkpoint at any TP/PP, either stack; the args say which
+    """(args, canonical state dict) of a Megatron checkpoint at any TP/PP/EP, either stack; the args say which
     stack it was (use_legacy_models)."""
     directory = _checkpoint_directory(load_dir)
-    files = _rank_files(directory)
-    if not files:
+    entries = sorted(entry for entry in os.listdir(directory) if RANK_DIRECTORY_NAME.match(entry))
+    if not entries:
         raise ConversionError(f"{directory} holds no mp_rank_* directories")
-    tp = 1 + max(tensor_rank for tensor_rank, _ in files)
-    pp = 1 + max(pipeline_rank for _, pipeline_rank in files)
-    first = _load_rank_file(files[min(files)])
+    first_path = os.path.join(directory, entries[0], "model_optim_rng.pt")
+    first = _load_rank_file(first_path)
     saved = first.get("args")
     if saved is None:
-        raise ConversionError(f"{files[min(files)]} holds no saved args, so the model's shape is unknown")
-    tp = getattr(saved, "tensor_model_parallel_size", tp)
-    pp = getattr(saved, "pipeline_model_parallel_size", pp)
+        raise ConversionError(f"{first_path} holds no saved args, so the model's shape is unknown")
+    tp = getattr(saved, "tensor_model_parallel_size", 1)
+    pp = getattr(saved, "pipeline_model_parallel_size", 1)
+    ep = getattr(saved, "expert_model_parallel_size", 1)
+    files = _rank_files(directory, pp > 1, ep > 1)
+    layout = [(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)]
     missing = [
-        f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-        for t in range(tp)
-        for p in range(pp)
-        if (t, p) not in files
+        os.path.basename(os.path.dirname(get_checkpoint_name("", 0, False, pp > 1, t, p, ep > 1, e)))
+        for t, p, e in layout
+        if (t, p, e) not in files
     ]
     if missing:
-        raise ConversionError(
-            f"{directory} lacks {', '.join(missing)} of its {tp} x {pp} (tensor x pipeline) layout: the checkpoint "
-            "is incomplete"
-        )
+        layout = f"{tp} x {pp} x {ep} (tensor x pipeline x expert)" if ep > 1 else f"{tp} x {pp} (tensor x pipeline)"
+        raise ConversionError(f"{directory} lacks {', '.join(missing)} of its {layout} layout: the checkpoint is incomplete")
     args, legacy, stages = _fill_missing_model_args(saved), False, []
     rules = tensor_parallel_rules(args)
     for pipeline_rank in range(pp):
         shards = []
         for tensor_rank in range(tp):
-            path = files[(tensor_rank, pipeline_rank)]
-            checkpoint = first if (tensor_rank, pipeline_rank) == min(files) else _load_rank_file(path)
-            chunks, legacy = _stack_state(checkpoint, path)
-            if len(chunks) != len((stages or shards or [chunks])[0]):
-                raise ConversionError(f"{path} holds {len(chunks)} model chunks, unlike the other rank files")
-            shards.append(chunks)
+            expert_shards = []
+            for expert_rank in range(ep):
+                path = files[(tensor_rank, pipeline_rank, expert_rank)]
+                checkpoint = first if path == first_path else _load_rank_file(path)
+                chunks, legacy = _stack_state(checkpoint, path)
+                if len(chunks) != len((stages or shards or expert_shards or [chunks])[0]):
+                    raise ConversionError(f"{path} holds {len(chunks)} model chunks, unlike the other rank files")
+                expert_shards.append(chunks)
+            shards.append(
+                [merge_experts([shard[chunk] for shard in expert_shards], args.num_experts) for chunk in range(len(chunks))]
+            )
         stages.append(
             [merge_state_dicts([shard[chunk] for shard in shards], rules) for chunk in range(len(chunks))]
         )
     args.use_legacy_models, args.use_mcore_models = legacy, not legacy
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size = tp, pp, ep
     return args, merge_pipeline(stages, args.num_layers, not args.untie_embeddings_and_output_weights, *_uneven_stages(args))
 
 

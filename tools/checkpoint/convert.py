@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-dir", required=True, help="Where to write the converted model.")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1, help="Tensor-parallel size to write.")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="Pipeline-parallel size to write.")
+    parser.add_argument(
+        "--target-expert-parallel-size", type=int, default=1, help="Expert-parallel size to write (MoE models)."
+    )
     for stage in ("first", "last"):
         parser.add_argument(
             f"--target-decoder-{stage}-pipeline-num-layers",
@@ -95,6 +98,7 @@ def _hf_to_megatron(options) -> None:
         options.target_pipeline_parallel_size,
         options.use_legacy_models,
         _uneven_stage_layers(options),
+        options.target_expert_parallel_size,
     )
     state = family.to_mcore(hf_state, args)
     check_state_fits_args(args, state)
@@ -121,13 +125,18 @@ def _megatron_to_megatron(options) -> None:
         options.target_pipeline_parallel_size,
         legacy,
         _uneven_stage_layers(options),
+        options.target_expert_parallel_size,
     )
     write_megatron_checkpoint(options.save_dir, target, fit_vocabulary(state, target))
 
 
 def convert(options) -> None:
-    if options.target_tensor_parallel_size < 1 or options.target_pipeline_parallel_size < 1:
-        raise ConversionError("--target-tensor-parallel-size and --target-pipeline-parallel-size must be at least 1")
+    sizes = (options.target_tensor_parallel_size, options.target_pipeline_parallel_size, options.target_expert_parallel_size)
+    if min(sizes) < 1:
+        raise ConversionError(
+            "--target-tensor-parallel-size, --target-pipeline-parallel-size and --target-expert-parallel-size must be "
+            "at least 1"
+        )
     if options.load_model_type == "hf" and options.save_model_type == "hf":
         raise ConversionError("--load-model-type hf with --save-model-type hf: nothing to convert")
     if "hf" in (options.load_model_type, options.save_model_type) and options.model_type_hf is None:

@@ -1,16 +1,18 @@
 """Hugging Face model families: their config.json as Megatron flags, and their tensors as the canonical
-(mcore, TP=1, PP=1) state dict, both ways.
+(mcore, TP=1, PP=1, EP=1) state dict, both ways.
 
 llama2 / llama3 -> LlamaForCausalLM, qwen3 -> Qwen3ForCausalLM (adds per-head q/k RMSNorm),
-gpt2 -> GPT2LMHeadModel (Conv1D weights stored transposed, fused c_attn).
+gpt2 -> GPT2LMHeadModel (Conv1D weights stored transposed, fused c_attn), mixtral -> MixtralForCausalLM and
+qwen3_moe -> Qwen3MoeForCausalLM (routed experts, one on-disk tensor set per expert).
 """
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core.errors import UserError
+from megatron.core.models.gpt.moe_module_specs import moe_layer_pattern
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -127,29 +129,41 @@ def _weight_and_bias(args) -> Tuple[str, ...]:
     return ("weight", "bias")
 
 
+def _is_moe_layer(args, layer: int) -> bool:
+    """Whether 0-based decoder layer `layer` is a mixture of experts under --moe-layer-freq."""
+    if getattr(args, "num_experts", None) is None:
+        return False
+    return moe_layer_pattern(args.moe_layer_freq, args.num_layers)[layer]
+
+
 @dataclass(frozen=True)
 class TensorMap:
     """One row of a family's table: a Megatron (mcore, TP=1) tensor, the Hugging Face tensor(s) it is made of,
     and the paired transform between them. Names may hold `{p}`, filled with each of `parameters(args)`
-    ("weight", "bias"); rows whose `when(args)` is false are absent from the model."""
+    ("weight", "bias"), and `{e}`, filled with each routed expert 0 .. num_experts - 1; rows whose `when(args)`
+    is false are absent from the model. Layer rows with `moe` True exist in MoE layers only, False in dense
+    layers only (None: every layer)."""
 
     megatron: str
     hf: Union[str, Tuple[str, ...]]
     transform: object = Same()
     parameters: Callable = _weight_only
     when: Callable = _always
+    moe: Optional[bool] = None
 
-    def expand(self, args, megatron_prefix: str = "", hf_prefix: str = ""):
-        """(megatron name, hf names, transform) for each parameter this row covers under `args`."""
-        if not self.when(args):
+    def expand(self, args, megatron_prefix: str = "", hf_prefix: str = "", layer: Optional[int] = None):
+        """(megatron name, hf names, transform) for each parameter (and expert) this row covers under `args`."""
+        if not self.when(args) or (self.moe is not None and self.moe != _is_moe_layer(args, layer)):
             return
         hf_names = (self.hf,) if isinstance(self.hf, str) else self.hf
-        for parameter in self.parameters(args):
-            yield (
-                megatron_prefix + self.megatron.format(p=parameter),
-                tuple(hf_prefix + name.format(p=parameter) for name in hf_names),
-                self.transform,
-            )
+        experts = range(args.num_experts) if "{e}" in self.megatron else [None]
+        for expert in experts:
+            for parameter in self.parameters(args):
+                yield (
+                    megatron_prefix + self.megatron.format(p=parameter, e=expert),
+                    tuple(hf_prefix + name.format(p=parameter, e=expert) for name in hf_names),
+                    self.transform,
+                )
 
 
 class HFTable:
@@ -169,7 +183,7 @@ class HFTable:
             yield from row.expand(args)
         for index in range(args.num_layers):
             for row in self.layer:
-                yield from row.expand(args, f"decoder.layers.{index}.", self.hf_layer.format(layer=index))
+                yield from row.expand(args, f"decoder.layers.{index}.", self.hf_layer.format(layer=index), index)
         for row in self.tail:
             yield from row.expand(args)
 
@@ -241,8 +255,10 @@ LLAMA_TABLE = HFTable(
             _linear_parameters,
         ),
         TensorMap("self_attention.linear_proj.{p}", "self_attn.o_proj.{p}", parameters=_linear_parameters),
-        TensorMap("mlp.linear_fc1.{p}", ("mlp.gate_proj.{p}", "mlp.up_proj.{p}"), GateUp(), _linear_parameters),
-        TensorMap("mlp.linear_fc2.{p}", "mlp.down_proj.{p}", parameters=_linear_parameters),
+        TensorMap(
+            "mlp.linear_fc1.{p}", ("mlp.gate_proj.{p}", "mlp.up_proj.{p}"), GateUp(), _linear_parameters, moe=False
+        ),
+        TensorMap("mlp.linear_fc2.{p}", "mlp.down_proj.{p}", parameters=_linear_parameters, moe=False),
         TensorMap("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", when=_qk_layernorm),
         TensorMap("self_attention.k_layernorm.weight", "self_attn.k_norm.weight", when=_qk_layernorm),
         TensorMap("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
@@ -254,6 +270,25 @@ LLAMA_TABLE = HFTable(
     tied_copies=("lm_head.weight",),
     ignorable=("rotary_emb.inv_freq",),
 )
+
+
+def _moe_table(block: str, gate: str, up: str, down: str) -> HFTable:
+    """Llama's table with routed experts in the MoE layers: `{block}.gate` is the router, expert e's
+    projections are `{block}.experts.{e}.{gate|up|down}` (Megatron's local_experts.{e}, global numbers)."""
+    experts = f"{block}.experts.{{e}}."
+    moe_rows = (
+        TensorMap("mlp.router.weight", f"{block}.gate.weight", moe=True),
+        TensorMap("mlp.experts.local_experts.{e}.linear_fc1.weight", (experts + gate, experts + up), GateUp(), moe=True),
+        TensorMap("mlp.experts.local_experts.{e}.linear_fc2.weight", experts + down, moe=True),
+    )
+    return HFTable(
+        LLAMA_TABLE.hf_prefix, LLAMA_TABLE.hf_layer, LLAMA_TABLE.head, LLAMA_TABLE.layer + moe_rows, LLAMA_TABLE.tail,
+        LLAMA_TABLE.tied_copies, LLAMA_TABLE.ignorable,
+    )
+
+
+MIXTRAL_TABLE = _moe_table("block_sparse_moe", "w1.weight", "w3.weight", "w2.weight")
+QWEN3_MOE_TABLE = _moe_table("mlp", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 GPT2_TABLE = HFTable(
     hf_prefix="transformer.",
@@ -444,6 +479,116 @@ class Qwen3Family(LlamaFamily):
             raise ConversionError("Qwen3 sliding-window attention is not supported (use_sliding_window is set)")
 
 
+class MoEFamilyMixin:
+    """Routed experts of a Llama-style family (softmax router, top-k, no shared experts), both ways."""
+
+    def moe_flags(self, config: dict, num_experts: int, expert_width: int, pattern: List[bool], pre_softmax: bool) -> List[str]:
+        flags = [
+            "--num-experts", num_experts,
+            "--moe-router-topk", config["num_experts_per_tok"],
+            "--moe-ffn-hidden-size", expert_width,
+            "--moe-router-load-balancing-type", "aux_loss",
+            "--moe-aux-loss-coeff", config.get("router_aux_loss_coef", 0.0),
+        ]
+        if pre_softmax:
+            flags.append("--moe-router-pre-softmax")
+        if not all(pattern):
+            flags += ["--moe-layer-freq", str([int(moe) for moe in pattern])]
+        return [str(flag) for flag in flags]
+
+    def check_moe_args(self, args) -> None:
+        if getattr(args, "num_experts", None) is None:
+            raise ConversionError(f"the checkpoint has no routed experts (--num-experts), so it is not {self.architecture}")
+        wanted = {
+            "moe_router_score_function": "softmax",
+            "moe_shared_expert_intermediate_size": None,
+            "moe_router_num_groups": None,
+            "moe_router_topk_scaling_factor": None,
+            "moe_router_enable_expert_bias": False,
+            "moe_expert_capacity_factor": None,
+        }
+        _require_args(args, wanted, self.architecture)
+
+    def moe_config_kwargs(self, args) -> dict:
+        coeff = args.moe_aux_loss_coeff
+        return dict(
+            num_experts_per_tok=args.moe_router_topk,
+            router_aux_loss_coef=float(coeff[0] if isinstance(coeff, list) else coeff),
+        )
+
+
+class MixtralFamily(MoEFamilyMixin, LlamaFamily):
+    """MixtralForCausalLM: Llama's attention, every MLP a softmax top-k mixture of SwiGLU experts
+    (`block_sparse_moe.experts.{e}.w1/w3/w2` = gate / up / down)."""
+
+    model_types = ("mixtral",)
+    architecture = "MixtralForCausalLM"
+    table = MIXTRAL_TABLE
+
+    def check_config(self, config: dict) -> None:
+        super().check_config(config)
+        if config.get("router_jitter_noise"):
+            raise ConversionError("Mixtral router_jitter_noise > 0 is not supported (Megatron has no router jitter here)")
+        if config.get("sliding_window") is not None:
+            raise ConversionError("Mixtral sliding-window attention is not supported (sliding_window is set)")
+
+    def flags(self, config: dict) -> List[str]:
+        layers = [True] * config["num_hidden_layers"]
+        expert_width = config["intermediate_size"]
+        return super().flags(config) + self.moe_flags(config, config["num_local_experts"], expert_width, layers, False)
+
+    def check_args(self, args) -> None:
+        super().check_args(args)
+        self.check_moe_args(args)
+        if args.moe_router_pre_softmax or not all(moe_layer_pattern(args.moe_layer_freq, args.num_layers)):
+            raise ConversionError(
+                "MixtralForCausalLM routes with a softmax over the top-k logits in every layer: the checkpoint has "
+                "--moe-router-pre-softmax or dense layers (--moe-layer-freq)"
+            )
+
+    def config_kwargs(self, args) -> dict:
+        kwargs = super().config_kwargs(args)
+        kwargs.pop("attention_bias")
+        kwargs.update(self.moe_config_kwargs(args), intermediate_size=args.moe_ffn_hidden_size, num_local_experts=args.num_experts)
+        return kwargs
+
+
+class Qwen3MoeFamily(MoEFamilyMixin, Qwen3Family):
+    """Qwen3MoeForCausalLM: Qwen3's attention; MoE MLPs except `mlp_only_layers` (and off the
+    `decoder_sparse_step`); `norm_topk_prob` false is Megatron's --moe-router-pre-softmax."""
+
+    model_types = ("qwen3_moe",)
+    architecture = "Qwen3MoeForCausalLM"
+    table = QWEN3_MOE_TABLE
+
+    def flags(self, config: dict) -> List[str]:
+        num_experts = config.get("num_experts") or config.get("num_local_experts")
+        if not num_experts:
+            raise ConversionError("the Qwen3-MoE config names no experts (num_experts / num_local_experts)")
+        dense, step = set(config.get("mlp_only_layers") or []), config.get("decoder_sparse_step", 1)
+        pattern = [layer not in dense and (layer + 1) % step == 0 for layer in range(config["num_hidden_layers"])]
+        pre_softmax = not config.get("norm_topk_prob", False)
+        moe = self.moe_flags(config, num_experts, config["moe_intermediate_size"], pattern, pre_softmax)
+        return super().flags(config) + moe
+
+    def check_args(self, args) -> None:
+        super().check_args(args)
+        self.check_moe_args(args)
+
+    def config_kwargs(self, args) -> dict:
+        kwargs = super().config_kwargs(args)
+        pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+        kwargs.update(
+            self.moe_config_kwargs(args),
+            num_experts=args.num_experts,
+            moe_intermediate_size=args.moe_ffn_hidden_size,
+            norm_topk_prob=not args.moe_router_pre_softmax,
+            decoder_sparse_step=1,
+            mlp_only_layers=[layer for layer, moe in enumerate(pattern) if not moe],
+        )
+        return kwargs
+
+
 def _finish_config(config, architecture: str, dtype: torch.dtype):
     config.architectures = [architecture]
     # transformers 5 calls the weights' dtype `dtype`, 4 `torch_dtype`.
@@ -526,7 +671,14 @@ class GPT2Family(HFFamily):
         return _finish_config(config, self.architecture, dtype)
 
 
-FAMILIES = {"llama2": LlamaFamily(), "llama3": LlamaFamily(), "qwen3": Qwen3Family(), "gpt2": GPT2Family()}
+FAMILIES = {
+    "llama2": LlamaFamily(),
+    "llama3": LlamaFamily(),
+    "qwen3": Qwen3Family(),
+    "gpt2": GPT2Family(),
+    "mixtral": MixtralFamily(),
+    "qwen3_moe": Qwen3MoeFamily(),
+}
 
 
 def family_for(model_type_hf: str):

@@ -5,6 +5,8 @@ from typing import List, Optional
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import update_routers_expert_bias
+from megatron.core.transformer.moe.router import TopKRouter
 
 
 def _unwrap(model_chunk: torch.nn.Module) -> torch.nn.Module:
@@ -74,6 +76,21 @@ def _scale_by_token_count(model: List[torch.nn.Module], num_tokens: torch.Tensor
             model_chunk.scale_gradients(1.0 / num_tokens.item())
 
 
+def _update_router_expert_bias(model: List[torch.nn.Module]) -> None:
+    """The aux-loss-free expert-bias step, once per global batch before the optimizer: token counts summed
+    over tensor x data x context parallel ranks (every rank that routed part of the global batch). The global
+    aux loss's counts restart too."""
+    routers = [module for model_chunk in model for module in model_chunk.modules() if isinstance(module, TopKRouter)]
+    for router in routers:
+        router.reset_global_aux_loss_tracker()
+    if not any(router.enable_expert_bias for router in routers):
+        return
+    group = None
+    if parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    update_routers_expert_bias(routers, group)
+
+
 def finalize_model_grads(model: List[torch.nn.Module], num_tokens: Optional[torch.Tensor] = None) -> None:
     """Complete the data-parallel gradient reduction of each model chunk, then sync tied embeddings;
     with `num_tokens` (--calculate-per-token-loss) divide the summed gradients by the global token count."""
@@ -81,5 +98,6 @@ def finalize_model_grads(model: List[torch.nn.Module], num_tokens: Optional[torc
         model_chunk.finish_grad_sync()
     _allreduce_sequence_parallel_grads(model)
     _allreduce_embedding_grads(model)
+    _update_router_expert_bias(model)
     if num_tokens is not None:
         _scale_by_token_count(model, num_tokens)

@@ -52,13 +52,19 @@ class _ParamAndGradBuffer:
         params: List[torch.nn.Parameter],
         data_parallel_group: Optional[dist.ProcessGroup],
         bucket_size: Optional[int],
-        average: bool = True,
+        gradient_scaling_factor: Optional[float] = None,
     ):
+        """`gradient_scaling_factor` multiplies the summed gradients (None: average over the group; 1.0 for
+        per-token losses, which are summed). Expert buffers reduce over the expert-data-parallel group but
+        average over all data-parallel ranks, so they pass 1 / DP."""
         self.ddp_config = ddp_config
-        self.average = average
         self.grad_dtype = grad_dtype
         self.data_parallel_group = data_parallel_group
         self.data_parallel_world_size = dist.get_world_size(data_parallel_group) if data_parallel_group else 1
+        self.data_parallel_rank = dist.get_rank(data_parallel_group) if data_parallel_group else 0
+        if gradient_scaling_factor is None:
+            gradient_scaling_factor = 1.0 / self.data_parallel_world_size
+        self.gradient_scaling_factor = gradient_scaling_factor
         # Backward produces gradients roughly in reverse order, so lay the buffer out that way: the first
         # bucket to fill is then the first one reduced.
         self.params = list(reversed(params))
@@ -111,14 +117,14 @@ class _ParamAndGradBuffer:
         if bucket.communication_issued:
             return
         bucket.communication_issued = True
+        op, prescale = dist.ReduceOp.SUM, self.gradient_scaling_factor
+        if self.ddp_config.average_in_collective and self.data_parallel_world_size > 1:
+            op, prescale = dist.ReduceOp.AVG, prescale * self.data_parallel_world_size
+        if prescale != 1.0:
+            bucket.grad_data.mul_(prescale)
         if self.data_parallel_world_size == 1:
             return
         self._wait_for_buckets_in_flight()
-        op = dist.ReduceOp.SUM
-        if self.average and self.ddp_config.average_in_collective:
-            op = dist.ReduceOp.AVG
-        elif self.average:
-            bucket.grad_data.div_(self.data_parallel_world_size)
         if self.ddp_config.use_distributed_optimizer:
             # A separate output: the input must stay intact while an asynchronous collective reads it.
             bucket.scattered = torch.empty(bucket.shard_size, dtype=bucket.grad_data.dtype, device=bucket.grad_data.device)
@@ -155,6 +161,6 @@ class _ParamAndGradBuffer:
         self._wait_for_buckets_in_flight()
         for bucket in self.buckets:
             if bucket.scattered is not None:
-                start, end = bucket.shard_range(dist.get_rank(self.data_parallel_group))
+                start, end = bucket.shard_range(self.data_parallel_rank)
                 bucket.grad_data[start:end].copy_(bucket.scattered)
                 bucket.scattered = None

@@ -103,17 +103,28 @@ def get_megatron_optimizer(
         )
     torch_optimizer = _build_torch_optimizer(config, param_groups)
     model_parallel_group = parallel_state.get_model_parallel_group(check_initialized=False)
+    expert_group = _expert_model_parallel_stats_group(model_chunks)
     if not (config.fp16 or config.bf16):
-        return FP32Optimizer(torch_optimizer, config, model_parallel_group)
+        return FP32Optimizer(torch_optimizer, config, model_parallel_group, expert_group)
+    inf_group = expert_group or model_parallel_group
 
     def found_inf_reduce(found_inf: torch.Tensor) -> None:
-        """An overflow on any model-parallel rank skips the step on all of them."""
-        if model_parallel_group is not None and torch.distributed.get_world_size(model_parallel_group) > 1:
-            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX, group=model_parallel_group)
+        """An overflow on any model-parallel (or expert-parallel) rank skips the step on all of them."""
+        if inf_group is not None and torch.distributed.get_world_size(inf_group) > 1:
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX, group=inf_group)
 
     return Float16OptimizerWithFloat16Params(
-        torch_optimizer, config, _grad_scaler(config), model_parallel_group, found_inf_reduce
+        torch_optimizer, config, _grad_scaler(config), model_parallel_group, found_inf_reduce, expert_group
     )
+
+
+def _expert_model_parallel_stats_group(model_chunks: List[torch.nn.Module]):
+    """Where routed experts' gradient norms sum (tensor x expert x pipeline parallel ranks), for a model with
+    experts under initialised parallel state; None otherwise (everything sums over the model-parallel group)."""
+    has_experts = any(getattr(getattr(chunk, "config", None), "num_moe_experts", None) for chunk in model_chunks)
+    if not has_experts or not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_model_parallel_group(with_expert_parallel=True)
 
 
 __all__ = [

@@ -33,6 +33,15 @@ def get_grad_norm_fp32(
     return total.item() ** (1.0 / norm_type)
 
 
+def get_grad_norm_over_groups(grads_and_groups: List[tuple], norm_type: float = 2.0) -> float:
+    """One global norm of gradient sets whose statistics sum over different groups: [(grads, group), ...]
+    (dense gradients over model-parallel ranks, routed experts' over the expert-model-parallel ranks too)."""
+    norms = [get_grad_norm_fp32(grads, norm_type, group) for grads, group in grads_and_groups]
+    if norm_type == float("inf"):
+        return max(norms)
+    return sum(norm**norm_type for norm in norms) ** (1.0 / norm_type)
+
+
 def clip_grad_by_total_norm_fp32(parameters: List[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
     """Scale every gradient by max_norm / total_norm when the total norm exceeds max_norm."""
     clip_coeff = max_norm / (total_norm + 1.0e-6)

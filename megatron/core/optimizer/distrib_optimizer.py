@@ -11,6 +11,9 @@ the next forward pass reaches a module that uses one of its weights (a forward p
 later buckets overlaps the forward computation of earlier layers. One gather is in flight at a time and they
 are issued in the same order on every rank (gloo may pair concurrently queued collectives differently).
 
+Routed experts (`allreduce=False`) live in DDP's expert buffers, which are reduced and sharded over the
+expert-data-parallel group instead: every buffer uses its own group and this rank's place in it.
+
 The checkpointed parameter state (`distrib_optim.pt`) is gathered on data-parallel rank 0 in the buffers'
 unpadded parameter order, so it does not depend on the data-parallel size it was saved at: loading at
 another size re-partitions it.
@@ -46,10 +49,6 @@ class _ShardEntry:
     master: torch.nn.Parameter
 
 
-def _collective_size(group) -> int:
-    return dist.get_world_size(group) if group is not None else 1
-
-
 class DistributedOptimizer(MegatronOptimizer):
     """Wraps a torch optimizer built over this rank's shard masters (`build_optimizer(param_groups)`)."""
 
@@ -68,7 +67,6 @@ class DistributedOptimizer(MegatronOptimizer):
         self.model_chunks = model_chunks
         self.grad_scaler = grad_scaler
         self.data_parallel_group = data_parallel_group
-        self.data_parallel_rank = dist.get_rank(data_parallel_group) if data_parallel_group is not None else 0
         self.entries = self._shard_entries()
         group_of_param = {param: index for index, group in enumerate(param_groups) for param in group["params"]}
         shard_groups = [{**group, "params": []} for group in param_groups]
@@ -86,13 +84,13 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _buffers(self):
         for chunk in self.model_chunks:
-            yield from chunk.buffers
+            yield from chunk.all_buffers()
 
     def _shard_entries(self) -> List[_ShardEntry]:
         entries = []
         for buffer in self._buffers():
             for bucket in buffer.buckets:
-                shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+                shard_start, shard_end = bucket.shard_range(buffer.data_parallel_rank)
                 shard_start, shard_end = bucket.offset + shard_start, bucket.offset + shard_end
                 for param in bucket.params:
                     start, end, _ = buffer.param_index_map[param]
@@ -142,23 +140,23 @@ class DistributedOptimizer(MegatronOptimizer):
         """Every replica receives every bucket's updated weights from the rank that owns each slice."""
         for buffer in self._buffers():
             for bucket in buffer.buckets:
-                gathered, _ = self._start_bucket_gather(bucket, async_op=False)
+                gathered, _ = self._start_bucket_gather(buffer, bucket, async_op=False)
                 self._copy_gathered_weights(buffer, bucket, gathered)
 
-    def _start_bucket_gather(self, bucket, async_op: bool):
+    def _start_bucket_gather(self, buffer, bucket, async_op: bool):
         """(the whole bucket's weights once the gather completes, the collective's handle or None)."""
-        shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+        shard_start, shard_end = bucket.shard_range(buffer.data_parallel_rank)
         shard = torch.zeros(shard_end - shard_start, dtype=bucket.params[0].dtype, device=bucket.grad_data.device)
         with torch.no_grad():
             for entry in self.entries:
                 if entry.bucket is bucket:
                     local = entry.buffer_start - bucket.offset - shard_start
                     shard[local : local + entry.master.numel()].copy_(entry.master)
-        if _collective_size(self.data_parallel_group) == 1:
+        if buffer.data_parallel_world_size == 1:
             return shard, None
         if async_op:
-            return self._all_gather(shard, bucket.grad_data.numel(), async_op=True)
-        return self._all_gather(shard, bucket.grad_data.numel()), None
+            return self._all_gather(buffer, shard, bucket.grad_data.numel(), async_op=True)
+        return self._all_gather(buffer, shard, bucket.grad_data.numel()), None
 
     @staticmethod
     def _copy_gathered_weights(buffer, bucket, gathered: torch.Tensor) -> None:
@@ -167,10 +165,12 @@ class DistributedOptimizer(MegatronOptimizer):
                 start, end, _ = buffer.param_index_map[param]
                 param.view(-1).copy_(gathered[start - bucket.offset : end - bucket.offset])
 
-    def _all_gather(self, shard: torch.Tensor, total: int, async_op: bool = False):
-        """(gathered, handle) when `async_op`, else the gathered tensor."""
+    @staticmethod
+    def _all_gather(buffer, shard: torch.Tensor, total: int, async_op: bool = False):
+        """(gathered, handle) over the buffer's (expert) data-parallel group when `async_op`, else the gathered
+        tensor."""
         gathered = torch.empty(total, dtype=shard.dtype, device=shard.device)
-        handle = all_gather_single(gathered, shard, group=self.data_parallel_group, async_op=async_op)
+        handle = all_gather_single(gathered, shard, group=buffer.data_parallel_group, async_op=async_op)
         return (gathered, handle) if async_op else gathered
 
     def _start_overlapped_param_gather(self) -> None:
@@ -186,7 +186,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def _start_next_gather(self) -> None:
         if self._gathers_pending:
             buffer, bucket = self._gathers_pending[0]
-            self._gather_in_flight = (buffer, bucket, *self._start_bucket_gather(bucket, async_op=True))
+            self._gather_in_flight = (buffer, bucket, *self._start_bucket_gather(buffer, bucket, async_op=True))
 
     def _finish_gathers_through(self, bucket) -> None:
         """Complete the queued gathers in order up to and including `bucket`."""
@@ -271,14 +271,15 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def gather_parameter_state(self) -> Optional[dict]:
         """The full fp32 masters and optimizer state of this model-parallel rank, in unpadded parameter order;
-        a collective over the data-parallel group, returned on data-parallel rank 0 only (None elsewhere)."""
+        a collective over the (expert) data-parallel groups, returned only on the ranks that write checkpoints
+        (None elsewhere)."""
         self.finish_param_sync()
         keys = self._sharded_state_keys()
         buffers_state = []
         for buffer in self._buffers():
             pieces = {key: [] for key in keys}
             for bucket in buffer.buckets:
-                shard_start, shard_end = bucket.shard_range(self.data_parallel_rank)
+                shard_start, shard_end = bucket.shard_range(buffer.data_parallel_rank)
                 for key in keys:
                     shard = torch.zeros(shard_end - shard_start, dtype=torch.float32, device=bucket.grad_data.device)
                     for entry in self.entries:
@@ -286,15 +287,22 @@ class DistributedOptimizer(MegatronOptimizer):
                             local = entry.buffer_start - bucket.offset - shard_start
                             shard[local : local + entry.master.numel()].copy_(self._local_values(entry, key))
                     full = shard
-                    if _collective_size(self.data_parallel_group) > 1:
-                        full = self._all_gather(shard, bucket.grad_data.numel())
+                    if buffer.data_parallel_world_size > 1:
+                        full = self._all_gather(buffer, shard, bucket.grad_data.numel())
                     for param in bucket.params:
                         start, end, _ = buffer.param_index_map[param]
                         pieces[key].append(full[start - bucket.offset : end - bucket.offset])
             buffers_state.append({key: torch.cat(values) for key, values in pieces.items()})
-        if self.data_parallel_rank != 0:
+        if not self._writes_checkpoints():
             return None
         return {"version": PARAMETER_STATE_VERSION, "buffers": buffers_state, "scalars": self._scalar_state()}
+
+    def _writes_checkpoints(self) -> bool:
+        """Expert-data-parallel rank 0 writes (each expert-parallel rank its own experts); that is data-parallel
+        rank 0 when there is no expert parallelism."""
+        groups = [getattr(chunk, "expert_data_parallel_group", None) for chunk in self.model_chunks]
+        group = next((group for group in groups if group is not None), self.data_parallel_group)
+        return group is None or dist.get_rank(group) == 0
 
     def load_parameter_state(self, parameter_state: dict) -> None:
         """Take this rank's slices of a `gather_parameter_state()` saved at any data-parallel size."""

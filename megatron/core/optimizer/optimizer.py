@@ -12,7 +12,7 @@ import torch
 from megatron.core.optimizer.clip_grads import (
     clip_grad_by_total_norm_fp32,
     count_zeros_fp32,
-    get_grad_norm_fp32,
+    get_grad_norm_over_groups,
     grads_for_norm,
 )
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
@@ -27,10 +27,14 @@ class MegatronOptimizer(ABC):
         optimizer: torch.optim.Optimizer,
         config: OptimizerConfig,
         grad_stats_parallel_group: Optional[torch.distributed.ProcessGroup] = None,
+        expert_grad_stats_parallel_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
+        """`expert_grad_stats_parallel_group`: where routed experts' gradient statistics sum when it differs
+        from the dense ones' (None: the same group)."""
         self.optimizer = optimizer
         self.config = config
         self.grad_stats_parallel_group = grad_stats_parallel_group
+        self.expert_grad_stats_parallel_group = expert_grad_stats_parallel_group
 
     @property
     def param_groups(self) -> List[dict]:
@@ -48,13 +52,24 @@ class MegatronOptimizer(ABC):
         """The loss to call backward on."""
         return loss * self.get_loss_scale()
 
+    def _grads_and_stats_groups(self) -> List[tuple]:
+        """[(gradients, the group their statistics sum over)]: routed experts (allreduce=False) apart when
+        they sum over another group, since each expert-parallel rank holds different experts."""
+        params = self.get_parameters()
+        if self.expert_grad_stats_parallel_group is None:
+            return [(grads_for_norm(params), self.grad_stats_parallel_group)]
+        dense = [param for param in params if getattr(param, "allreduce", True)]
+        experts = [param for param in params if not getattr(param, "allreduce", True)]
+        return [
+            (grads_for_norm(dense), self.grad_stats_parallel_group),
+            (grads_for_norm(experts), self.expert_grad_stats_parallel_group),
+        ]
+
     def get_grad_norm(self) -> float:
-        return get_grad_norm_fp32(
-            grads_for_norm(self.get_parameters()), 2.0, self.grad_stats_parallel_group
-        )
+        return get_grad_norm_over_groups(self._grads_and_stats_groups(), 2.0)
 
     def count_zeros(self) -> int:
-        return count_zeros_fp32(grads_for_norm(self.get_parameters()), self.grad_stats_parallel_group)
+        return sum(count_zeros_fp32(grads, group) for grads, group in self._grads_and_stats_groups())
 
     def _clip_and_step(self) -> Tuple[float, Optional[int]]:
         """Norm, optional clipping, the torch step; returns (grad_norm, num_zeros_in_grad)."""
@@ -154,8 +169,9 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
         grad_scaler: Optional[MegatronGradScaler],
         grad_stats_parallel_group=None,
         found_inf_reduce: Optional[Callable[[torch.Tensor], None]] = None,
+        expert_grad_stats_parallel_group=None,
     ):
-        super().__init__(optimizer, config, grad_stats_parallel_group)
+        super().__init__(optimizer, config, grad_stats_parallel_group, expert_grad_stats_parallel_group)
         if config.fp16 and grad_scaler is None:
             raise ValueError("fp16 training needs a grad scaler")
         self.grad_scaler = grad_scaler
@@ -168,7 +184,7 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
                 master = param
                 if param.dtype in (torch.float16, torch.bfloat16):
                     master = torch.nn.Parameter(param.detach().clone().float())
-                    for attribute in ("tensor_model_parallel", "shared"):
+                    for attribute in ("tensor_model_parallel", "shared", "allreduce"):
                         if hasattr(param, attribute):
                             setattr(master, attribute, getattr(param, attribute))
                 self.model_params.append(param)

@@ -17,6 +17,7 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import p2p_communication as p2p
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 
@@ -46,6 +47,17 @@ def get_forward_backward_func() -> Callable:
     if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
         return forward_backward_pipelining_with_interleaving
     return forward_backward_pipelining_without_interleaving
+
+
+def _set_moe_aux_loss_scale(config, num_microbatches: int) -> None:
+    """MoE aux losses join the backward through MoEAuxLossAutoScaler: give them the main loss's scale (loss
+    scale / micro batches), on every pipeline stage, as Megatron does."""
+    if getattr(config, "num_moe_experts", None) is None:
+        return
+    grad_scale_func = getattr(config, "grad_scale_func", None)
+    one = torch.tensor(1.0)  # 0-dim: it multiplies aux-loss gradients on any device
+    loss_scale = grad_scale_func(one) if grad_scale_func is not None else one
+    MoEAuxLossAutoScaler.set_loss_scale(loss_scale / num_microbatches)
 
 
 def forward_step(
@@ -80,6 +92,7 @@ def forward_step(
             output_tensor, loss_func = forward_step_func(data_iterator, model)
         else:
             output_tensor, loss_func = forward_step_func(data_iterator, model, checkpoint_activations_microbatch)
+    _set_moe_aux_loss_scale(config, num_microbatches)
     num_tokens = torch.tensor(0, dtype=torch.int)
     if not parallel_state.is_pipeline_last_stage():
         return output_tensor, num_tokens

@@ -34,8 +34,10 @@ def rule_key(name: str) -> str:
 
 
 def split_rules(model: torch.nn.Module) -> Dict[str, SplitRule]:
-    """The split of each of a model's parameters, keyed by rule_key (build the model on the meta device)."""
-    return {rule_key(name): split_rule(parameter) for name, parameter in model.named_parameters()}
+    """The split of each of a model's parameters and buffers (replicated, e.g. a router's expert bias), keyed by
+    rule_key (build the model on the meta device)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {rule_key(name): split_rule(tensor) for name, tensor in tensors}
 
 
 def shard_of(tensor: torch.Tensor, rank: int, parts: int, dim: int, stride: int = 1) -> torch.Tensor:

@@ -91,6 +91,8 @@ class TransformerConfig(ModelParallelConfig):
     moe_aux_loss_coeff: Union[float, List[float]] = 0.0
     moe_z_loss_coeff: Optional[float] = None
     moe_router_enable_expert_bias: bool = False
+    moe_router_force_load_balancing: bool = False
+    """Benchmarks only: route on random logits (about uniform load); gradients pass straight through."""
     moe_router_bias_update_rate: float = 1e-3
     moe_token_dispatcher_type: str = "allgather"
     moe_grouped_gemm: bool = False

@@ -1,5 +1,6 @@
 """One decoder layer: norm -> self-attention -> residual -> norm -> MLP -> residual."""
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -8,6 +9,7 @@ import torch
 from megatron.core.fusions.fused_bias_dropout import bias_dropout_add
 from megatron.core.inference_params import InferenceParams
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEProcessGroups
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -33,7 +35,7 @@ class TransformerLayer(MegatronModule):
         self.pre_mlp_layernorm = build_module(
             submodules.pre_mlp_layernorm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
-        self.mlp = build_module(submodules.mlp, config=config)
+        self.mlp = build_module(submodules.mlp, config=config, **_moe_kwargs(submodules.mlp, layer_number))
 
     def forward(
         self,
@@ -49,6 +51,15 @@ class TransformerLayer(MegatronModule):
             hidden_states, attention_mask, inference_params, rotary_pos_emb,
         )
         return hidden_states, None
+
+
+def _moe_kwargs(mlp_spec, layer_number: int) -> dict:
+    """An MLP slot that can be a mixture of experts gets the layer number (its aux-loss log entry and place in
+    --moe-layer-freq) and the expert process groups; a dense MLP gets neither."""
+    module = mlp_spec.module if isinstance(mlp_spec, ModuleSpec) else mlp_spec
+    if "pg_collection" not in inspect.signature(module).parameters:
+        return {}
+    return {"layer_number": layer_number, "pg_collection": MoEProcessGroups.from_parallel_state()}
 
 
 def pre_norm_residual_block(

@@ -95,6 +95,47 @@ def hf_gpt2_dir(tmp_path_factory):
     return _save(model, tmp_path_factory.mktemp("hf_gpt2"))
 
 
+def _spread_routers(model):
+    """Routers with logits far apart, so the top-k choice is not decided by rounding."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.dim() == 2:
+                param.normal_(0.0, 1.0)
+
+
+@pytest.fixture(scope="session")
+def hf_mixtral_dir(tmp_path_factory):
+    """Mixtral: 4 experts, top-2, GQA, untied embeddings (MOE_MLA_CP.md section 6.7)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(3)
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        initializer_range=0.3, tie_word_embeddings=False,
+    )
+    model = MixtralForCausalLM(config)
+    _spread_routers(model)
+    return _save(model, tmp_path_factory.mktemp("hf_mixtral"))
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_moe_dir(tmp_path_factory):
+    """Qwen3-MoE: 8 experts, top-2, norm_topk_prob false (Megatron's pre-softmax), the first layer dense."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(4)
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, mlp_only_layers=[0], max_position_embeddings=64, initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    _spread_routers(model)
+    return _save(model, tmp_path_factory.mktemp("hf_qwen3_moe"))
+
+
 @pytest.fixture
 def convert():
     """convert(*flags): run tools/checkpoint/convert.py in-process and require success."""

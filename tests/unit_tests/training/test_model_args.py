@@ -100,7 +100,13 @@ def _counted_forward_flops(model, length):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("flags", [GPT, LLAMA], ids=["gpt", "llama-gqa-swiglu-untied"])
+MOE = [
+    *LLAMA, "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+    "--moe-shared-expert-intermediate-size", "16", "--moe-layer-freq", "[0,1]",
+]
+
+
+@pytest.mark.parametrize("flags", [GPT, LLAMA, MOE], ids=["gpt", "llama-gqa-swiglu-untied", "moe-topk-shared"])
 def test_flops_per_token_count_every_matrix_multiplication(flags):
     length = 32
     args = validated(*flags, "--use-cpu-initialization")

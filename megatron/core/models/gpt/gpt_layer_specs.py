@@ -4,6 +4,7 @@ import importlib.util
 from typing import Optional
 
 from megatron.core.errors import UserError
+from megatron.core.models.gpt.moe_module_specs import get_moe_or_dense_mlp_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -18,14 +19,6 @@ class LayerSpecError(UserError, ValueError):
     """A layer spec asked for a feature this project does not provide (yet)."""
 
 
-def _require_dense(num_experts: Optional[int]) -> None:
-    if num_experts is not None:
-        raise LayerSpecError(
-            f"num_experts={num_experts}: MoE layers are not yet supported; build a dense model (num_experts=None, "
-            "no --num-experts)"
-        )
-
-
 def get_gpt_layer_with_transformer_engine_spec(
     num_experts: Optional[int] = None,
     moe_grouped_gemm: Optional[bool] = False,
@@ -35,7 +28,6 @@ def get_gpt_layer_with_transformer_engine_spec(
     """Megatron's Transformer Engine layer spec. This project has no Transformer Engine layers: the call
     fails with one message (naming the missing package when it is not installed); the local spec builds the
     same model on torch kernels."""
-    _require_dense(num_experts)
     if importlib.util.find_spec("transformer_engine") is None:
         raise LayerSpecError(
             "get_gpt_layer_with_transformer_engine_spec needs the transformer_engine package, which is not "
@@ -54,9 +46,13 @@ def get_gpt_layer_local_spec(
 ) -> ModuleSpec:
     """A decoder layer on this project's own tensor-parallel layers and torch's attention kernels.
 
-    `num_experts` must be None (MoE comes later); `moe_grouped_gemm` only applies to MoE layers.
+    With `num_experts` the MLP slot is a mixture of experts in the layers config.moe_layer_freq marks (a dense
+    MLP in the others); `moe_grouped_gemm` runs the local experts as one grouped GEMM.
     """
-    _require_dense(num_experts)
+    if num_experts is None:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    else:
+        mlp = get_moe_or_dense_mlp_spec(num_experts, moe_grouped_gemm)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -73,9 +69,6 @@ def get_gpt_layer_local_spec(
                 ),
             ),
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp,
         ),
     )

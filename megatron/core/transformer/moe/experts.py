@@ -11,7 +11,8 @@ import torch
 
 from megatron.core.transformer.mlp import MLP, MLPSubmodules, apply_mlp_activation
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_utils import MoEProcessGroups
+from megatron.core.transformer.moe.moe_utils import MoEProcessGroups, group_rank
+from megatron.core.transformer.pipeline_layout import layout_independent_init
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -39,13 +40,21 @@ class SequentialMLP(MegatronModule):
     ):
         super().__init__(config)
         self.num_local_experts = num_local_experts
+        first = group_rank(pg_collection.ep if pg_collection is not None else None) * num_local_experts
         self.local_experts = torch.nn.ModuleList(
-            MLP(config, submodules, ffn_hidden_size=config.moe_ffn_hidden_size) for _ in range(num_local_experts)
+            self._build_expert(config, submodules, first + index) for index in range(num_local_experts)
         )
         for param in self.parameters():
             # Expert weights differ across expert-parallel ranks: reduce their gradients over expert-data-parallel
             # ranks only (Megatron's DDP reads `allreduce`).
             param.allreduce = False
+
+    @staticmethod
+    def _build_expert(config: TransformerConfig, submodules: MLPSubmodules, global_index: int) -> MLP:
+        """Expert `global_index`, drawn (with --use-cpu-initialization) from a stream of its own, so it has the
+        same weights at every expert-parallel size. The offset keeps clear of the other modules' positions."""
+        with layout_independent_init(config, (config.num_layers + 2) * (global_index + 1)):
+            return MLP(config, submodules, ffn_hidden_size=config.moe_ffn_hidden_size)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert: Sequence[int], permuted_probs):
         """Tokens grouped by local expert (`tokens_per_expert` rows each) -> weighted outputs, same order;

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed
 
+from megatron.core import parallel_state
 from megatron.core.utils import all_gather_single
 
 
@@ -29,6 +30,18 @@ class MoEProcessGroups:
     def __post_init__(self):
         if self.tp_ep is None:
             self.tp_ep = self.ep
+
+    @classmethod
+    def from_parallel_state(cls) -> "MoEProcessGroups":
+        """The groups parallel_state built (none before it is initialised: one process)."""
+        if not parallel_state.model_parallel_is_initialized():
+            return cls()
+        return cls(
+            ep=parallel_state.get_expert_model_parallel_group(),
+            tp_ep=parallel_state.get_tensor_and_expert_parallel_group(),
+            tp_cp=parallel_state.get_tensor_and_context_parallel_group(),
+            tp_dp_cp=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        )
 
 
 def group_size(group: Optional[torch.distributed.ProcessGroup]) -> int:
@@ -84,6 +97,29 @@ def all_to_all(group, input_: torch.Tensor, output_split_sizes: List[int], input
     if group_size(group) == 1:
         return input_
     return _AllToAll.apply(group, input_, list(output_split_sizes), list(input_split_sizes))
+
+
+class _RandomLogits(torch.autograd.Function):
+    """Standard-normal logits from a generator of their own (seeded 42, so the training RNG is untouched);
+    the gradient passes straight through to the real logits."""
+
+    generators: dict = {}
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        generator = _RandomLogits.generators.get(logits.device)
+        if generator is None:
+            generator = _RandomLogits.generators[logits.device] = torch.Generator(logits.device).manual_seed(42)
+        return torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output
+
+
+def apply_random_logits(logits: torch.Tensor) -> torch.Tensor:
+    """--moe-router-force-load-balancing: random routing logits for benchmarks (Megatron's RandomSTE)."""
+    return _RandomLogits.apply(logits)
 
 
 def group_limited_topk(
@@ -206,16 +242,13 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
         MoEAuxLossAutoScaler.main_loss_backward_scale = scale.detach().clone()
 
 
-_MOE_LAYER_WISE_LOGGING_TRACKER: dict = {}
-
-
 def save_to_aux_losses_tracker(
     name: str, loss: torch.Tensor, layer_number: Optional[int], num_layers: int, reduce_group=None
 ) -> None:
     """Add an (unscaled) auxiliary loss of layer `layer_number` (1-based) to what the training log reports."""
     if layer_number is None:
         return
-    entry = _MOE_LAYER_WISE_LOGGING_TRACKER.setdefault(name, {})
+    entry = get_moe_layer_wise_logging_tracker().setdefault(name, {})
     if "values" not in entry:
         entry["values"] = torch.zeros(num_layers, device=loss.device)
     entry["values"][layer_number - 1] += loss.detach().float()
@@ -223,14 +256,14 @@ def save_to_aux_losses_tracker(
 
 
 def clear_aux_losses_tracker() -> None:
-    for entry in _MOE_LAYER_WISE_LOGGING_TRACKER.values():
+    for entry in get_moe_layer_wise_logging_tracker().values():
         if "values" in entry:
             entry["values"].zero_()
 
 
 def get_moe_layer_wise_logging_tracker() -> dict:
     """{loss name: {"values": per-layer sums since the last clear, "reduce_group": where to average them}}."""
-    return _MOE_LAYER_WISE_LOGGING_TRACKER
+    return parallel_state.get_moe_layer_wise_logging_tracker()
 
 
 def get_capacity(

@@ -11,6 +11,7 @@ from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     MoEProcessGroups,
     all_reduce_sum,
+    apply_random_logits,
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     group_size,
@@ -90,7 +91,10 @@ class TopKRouter(MegatronModule):
 
     def forward(self, input: torch.Tensor):
         self._keep_expert_bias_fp32()
-        return self.routing(self.gating(input))
+        logits = self.gating(input)
+        if self.config.moe_router_force_load_balancing:
+            logits = apply_random_logits(logits)
+        return self.routing(logits)
 
     def routing(self, logits: torch.Tensor):
         """logits [s, b, E] -> (probs [s*b, E], routing_map [s*b, E]), attaching the aux losses in training."""

@@ -94,7 +94,7 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        chunks = torch.arange(self.ep_size * self.num_local_experts)
+        chunks = torch.arange(self.ep_size * self.num_local_experts, device="cpu")  # host indices (meta-safe)
         # Received blocks arrive as (source rank, local expert); the experts want (local expert, source rank).
         self.sort_input_by_local_experts = chunks.reshape(-1, self.num_local_experts).T.ravel().tolist()
         self.restore_output_by_local_experts = chunks.reshape(self.num_local_experts, -1).T.ravel().tolist()

@@ -113,3 +113,17 @@ def test_permutation_and_dropping_match_megatron_core(inputs, reference):
     _assert_equal(ours_padded[0], theirs_padded[0])
     capacities = [moe_utils.get_capacity(64, 8, 1.3), moe_utils.get_capacity(10, 8, 0.1, min_capacity=4)]
     assert capacities == reference["capacity"].tolist()
+
+
+def test_forced_load_balancing_routes_on_random_logits_and_passes_gradients():
+    from megatron.core.transformer.moe.moe_utils import apply_random_logits
+
+    rng_state = torch.get_rng_state()
+    logits = torch.full((4096, 8), 5.0, requires_grad=True)
+    logits.data[:, 0] = 100.0  # a real router would send every token to expert 0
+    random_logits = apply_random_logits(logits)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the training RNG stream is untouched
+    counts = random_logits.topk(2, dim=-1).indices.flatten().bincount(minlength=8)
+    assert counts.min() > 0.8 * counts.float().mean()
+    (random_logits * torch.arange(8.0)).sum().backward()
+    assert torch.equal(logits.grad, torch.arange(8.0).expand(4096, -1))

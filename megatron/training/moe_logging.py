@@ -1,0 +1,51 @@
+"""MoE auxiliary losses in the training log: Megatron's names (`load_balancing_loss`, `seq_load_balancing_loss`,
+`global_load_balancing_loss`, `z_loss`), unscaled (loss / coeff), averaged over MoE layers, micro batches and
+the ranks that train the same model part, printed beside `lm loss`."""
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt.moe_module_specs import is_moe_layer
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.router import AUX_LOSS_NAMES
+
+
+def _logged_names(config) -> List[str]:
+    """The losses this model reports, the same on every rank (stages without MoE layers included)."""
+    types, coeffs = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
+    types, coeffs = ([types], [coeffs]) if isinstance(types, str) else (types, coeffs)
+    names = [AUX_LOSS_NAMES[name] for name, coeff in zip(types, coeffs) if name in AUX_LOSS_NAMES and coeff > 0]
+    return names + (["z_loss"] if config.moe_z_loss_coeff else [])
+
+
+def _all_reduce(values: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(values, group=group)
+    return values
+
+
+def moe_aux_loss_report(config, num_microbatches: int, writer=None, iteration: int = 0, per_layer: bool = False) -> Dict[str, float]:
+    """{name: value} of this step's aux losses (a collective over pipeline and tensor x data x context parallel
+    ranks); clears the tracker. With `per_layer`, TensorBoard also gets `moe/{name}_layer_{i}`."""
+    names = _logged_names(config)
+    if config.num_moe_experts is None or not names:
+        return {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    values = torch.stack(
+        [tracker[name]["values"].float().cpu() if name in tracker else torch.zeros(config.num_layers) for name in names]
+    )
+    device = torch.device("cuda") if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
+    values = values.to(device)
+    _all_reduce(values, parallel_state.get_pipeline_model_parallel_group())
+    replicas = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    values = _all_reduce(values, replicas) / (dist.get_world_size(replicas) * num_microbatches)
+    clear_aux_losses_tracker()
+    num_moe_layers = sum(is_moe_layer(config, layer) for layer in range(1, config.num_layers + 1))
+    if writer is not None and per_layer:
+        for name, layer_values in zip(names, values.tolist()):
+            for layer, value in enumerate(layer_values):
+                writer.add_scalar(f"moe/{name}_layer_{layer}", value, iteration)
+    return {name: (layer_values.sum() / num_moe_layers).item() for name, layer_values in zip(names, values)}
