@@ -6,7 +6,6 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, save_to_aux_losses_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.training.moe_logging import moe_aux_loss_report
-from tests.unit_tests.core.tensor_parallel.conftest import run_on_gloo  # noqa: F401 (pytest fixture)
 
 
 class _Writer:
