@@ -149,29 +149,32 @@ def _unpacked(buffer: torch.Tensor, *shapes) -> Tuple[torch.Tensor, ...]:
     return tuple(part.view(shape) for part, shape in zip(buffer.split(sizes), shapes))
 
 
-def _block_probabilities(query, key, scale: float, causal: bool, lse: Optional[torch.Tensor] = None):
-    """fp32 attention scores of a block, or its probabilities when the rows' log-sum-exp `lse` is given."""
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+def _block_scores(query, key, scale: float, causal: bool) -> torch.Tensor:
+    """Fresh fp32 attention scores of a block (-inf where causally masked); query [..., hpg, sq, d], key
+    [..., 1, sk, d]."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
     if causal:
         scores.masked_fill_(torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
-    return scores if lse is None else torch.exp(scores - lse.unsqueeze(-1))
+    return scores
 
 
 def _block_attention(query, key, value, scale: float, causal: bool):
-    """(fp32 output, fp32 log-sum-exp) of one block; query [..., hpg, sq, d], key/value [..., 1, sk, d]."""
-    scores = _block_probabilities(query, key, scale, causal)
-    lse = torch.logsumexp(scores, dim=-1)
-    probabilities = torch.exp(scores - lse.unsqueeze(-1))
+    """(fp32 output, fp32 log-sum-exp) of one block; the softmax runs in place on the one scores buffer."""
+    probabilities = _block_scores(query, key, scale, causal)
+    row_max = probabilities.amax(dim=-1, keepdim=True)
+    row_sum = probabilities.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+    probabilities.div_(row_sum)
+    lse = (row_sum.log_() + row_max).squeeze(-1)
     return torch.matmul(probabilities.to(value.dtype), value).float(), lse
 
 
 def _block_gradients(query, key, value, grad_output, lse, delta, scale: float, causal: bool):
     """(dq, dk, dv) of one block, its probabilities recomputed from the rows' final log-sum-exp; `delta` is the
     row sum of grad_output x output (the softmax's backward term)."""
-    probabilities = _block_probabilities(query, key, scale, causal, lse)
+    probabilities = _block_scores(query, key, scale, causal).sub_(lse.unsqueeze(-1)).exp_()
     grad_value = torch.matmul(probabilities.to(grad_output.dtype).transpose(-1, -2), grad_output).sum(2, keepdim=True)
-    grad_probabilities = torch.matmul(grad_output, value.transpose(-1, -2)).float()
-    grad_scores = (probabilities * (grad_probabilities - delta.unsqueeze(-1)) * scale).to(query.dtype)
+    grad_scores = torch.matmul(grad_output, value.transpose(-1, -2)).float()
+    grad_scores = grad_scores.sub_(delta.unsqueeze(-1)).mul_(probabilities).mul_(scale).to(query.dtype)
     grad_query = torch.matmul(grad_scores, key)
     grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).sum(2, keepdim=True)
     return grad_query, grad_key, grad_value
