@@ -7,7 +7,9 @@ Megatron's load-balanced layout: the sequence is cut into 2 x CP chunks and CP r
 - `all_gather`: keys/values are all-gathered (their gradients reduce-scattered back) and each local query chunk
   attends to the keys before it;
 - `p2p` (ring): key/value blocks travel around the ring while the block in hand is attended to; partial results
-  merge by their log-sum-exp, fully masked blocks are skipped, and the backward sends dK/dV around the ring.
+  merge by their log-sum-exp, fully masked blocks are skipped, and the backward sends dK/dV around the ring;
+- `a2a` (Ulysses): an all-to-all trades the sequence split for a head split, every rank attends over the whole
+  sequence with its share of the heads, and a second all-to-all trades back.
 """
 
 from typing import Callable, Optional, Tuple
@@ -17,8 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.moe.moe_utils import all_to_all
 
-CP_COMM_TYPES = ("p2p", "all_gather")
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 _KEY_VALUE_TAG = 0
 _GRADIENT_TAG = 1
 
@@ -58,6 +61,8 @@ def context_parallel_attention(
     scale = query.size(-1) ** -0.5 if softmax_scale is None else softmax_scale
     if comm_type == "all_gather":
         return _all_gather_attention(query, key, value, cp_group, scale)
+    if comm_type == "a2a":
+        return _all_to_all_attention(query, key, value, cp_group, scale)
     # [s, b, n, d] -> [b, groups, heads per group, s, d], the layout of the ring's block attention.
     groups = key.size(2)
     query_blocks = query.permute(1, 2, 0, 3).unflatten(1, (groups, -1))
@@ -71,9 +76,7 @@ def _all_gather_attention(query, key, value, group, scale: float) -> torch.Tenso
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     chunk = query.size(0) // 2
     key_value = gather_from_sequence_parallel_region(torch.cat((key, value), dim=-1), True, group)
-    # Rank-major [rank, (chunk r, chunk 2CP-1-r)] -> global order: first chunks by rank, then second ones reversed.
-    by_rank = key_value.unflatten(0, (cp_size, 2, chunk))
-    key_value = torch.cat((by_rank[:, 0], by_rank.flip(0)[:, 1])).flatten(0, 1)
+    key_value = _rank_major_to_global(key_value, cp_size)
     key_all, value_all = key_value.split((key.size(-1), value.size(-1)), dim=-1)
     # [s, b, n, d] -> [b, n, s, d]
     query, key_all, value_all = (tensor.permute(1, 2, 0, 3) for tensor in (query, key_all, value_all))
@@ -92,6 +95,51 @@ def _all_gather_attention(query, key, value, group, scale: float) -> torch.Tenso
             )
         )
     return torch.cat(outputs, dim=2).permute(2, 0, 1, 3)
+
+
+def _all_to_all_attention(query, key, value, group, scale: float) -> torch.Tensor:
+    """Ulysses: each rank attends over the whole sequence with 1/CP of the heads."""
+    cp_size = dist.get_world_size(group)
+    if query.size(2) % cp_size:
+        raise ValueError(f"a2a context parallelism splits heads: {query.size(2)} heads are not divisible by CP={cp_size}")
+    if key.size(2) % cp_size:  # too few key/value heads to split: give every query head its own copy
+        key, value = (tensor.repeat_interleave(query.size(2) // key.size(2), dim=2) for tensor in (key, value))
+    # [s/CP, b, n, d] -> [b, n/CP, s, d] in global order
+    query, key, value = (
+        _rank_major_to_global(_heads_to_sequence(tensor, group), cp_size).permute(1, 2, 0, 3)
+        for tensor in (query, key, value)
+    )
+    context = F.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scale, enable_gqa=query.size(1) != key.size(1)
+    )
+    return _sequence_to_heads(_global_to_rank_major(context.permute(2, 0, 1, 3), cp_size), group)
+
+
+def _heads_to_sequence(tensor, group) -> torch.Tensor:
+    """[s/CP, b, n, d] -> [s (rank-major), b, n/CP, d]: rank j receives everyone's tokens of head part j."""
+    cp_size = dist.get_world_size(group)
+    by_destination = tensor.unflatten(2, (cp_size, -1)).permute(2, 0, 1, 3, 4)
+    return all_to_all(group, by_destination.flatten(0, 1), [tensor.size(0)] * cp_size, [tensor.size(0)] * cp_size)
+
+
+def _sequence_to_heads(tensor, group) -> torch.Tensor:
+    """Inverse of _heads_to_sequence: [s (rank-major), b, n/CP, d] -> [s/CP, b, n, d]."""
+    cp_size = dist.get_world_size(group)
+    local_length = tensor.size(0) // cp_size
+    heads = all_to_all(group, tensor, [local_length] * cp_size, [local_length] * cp_size)
+    return heads.unflatten(0, (cp_size, local_length)).permute(1, 2, 0, 3, 4).flatten(2, 3)
+
+
+def _rank_major_to_global(tensor, cp_size: int) -> torch.Tensor:
+    """Rows [rank, (chunk r, chunk 2CP-1-r)] -> global order: first chunks by rank, then second ones reversed."""
+    by_rank = tensor.unflatten(0, (cp_size, 2, -1))
+    return torch.cat((by_rank[:, 0], by_rank.flip(0)[:, 1])).flatten(0, 1)
+
+
+def _global_to_rank_major(tensor, cp_size: int) -> torch.Tensor:
+    """Inverse of _rank_major_to_global."""
+    halves = tensor.unflatten(0, (2, cp_size, -1))
+    return torch.stack((halves[0], halves[1].flip(0)), dim=1).flatten(0, 2)
 
 
 def _causal_keep_mask(query_start: int, query_length: int, key_length: int, device) -> torch.Tensor:

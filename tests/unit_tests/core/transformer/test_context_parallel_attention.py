@@ -41,6 +41,7 @@ def _full_attention_and_grads(case, seed):
 
 def _cp_equals_full_attention(rank):
     """On 4 ranks: CP=4, then CP=2 (x DP=2)."""
+    torch.set_num_threads(1)  # four ranks share the test machine's cores
     _check_against_full_attention()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(context_parallel_size=2)
@@ -67,6 +68,19 @@ def _check_against_full_attention():
 
 def test_context_parallel_attention_equals_full_causal_sdpa(run_on_gloo):
     run_on_gloo(4, _cp_equals_full_attention, context_parallel_size=4)
+
+
+@pytest.mark.parametrize(
+    "comm_type, query_shape, key_shape, message",
+    [
+        ("ring", (4, 1, 4, 8), (4, 1, 4, 8), "unknown context-parallel comm type 'ring'"),
+        ("p2p", (3, 1, 4, 8), (3, 1, 4, 8), "two equal chunks, but got 3 tokens"),
+        ("all_gather", (4, 1, 4, 8), (4, 1, 3, 8), "4 query heads cannot share 3 key/value heads"),
+    ],
+)
+def test_context_parallel_attention_refuses_bad_input(comm_type, query_shape, key_shape, message):
+    with pytest.raises(ValueError, match=message):
+        context_parallel_attention(torch.zeros(query_shape), torch.zeros(key_shape), torch.zeros(key_shape), None, comm_type)
 
 
 def test_load_balanced_indices_hold_chunks_r_and_2cp_minus_1_minus_r():
