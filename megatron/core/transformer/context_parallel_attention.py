@@ -228,28 +228,32 @@ def _block_gradients(query, key, value, grad_output, lse, delta, scale: float, c
     return grad_query, grad_key, grad_value
 
 
+def _ring_blocks(ring: _Ring, key, value):
+    """For each step of one turn: (step, local query rows, source key rows, causal, source keys, source values).
+    The next source's keys/values are on their way while the caller works on the block in hand."""
+    chunk = key.size(-2) // 2
+    key_value = _packed(key, value)
+    for step in range(ring.size):
+        if step + 1 < ring.size:
+            receive_key_value = ring.shift(key_value, _KEY_VALUE_TAG)
+        block_key, block_value = _unpacked(key_value, key.shape, value.shape)
+        rows, keys, causal = _visible_block((ring.rank - step) % ring.size, ring.rank, chunk)
+        yield step, rows, keys, causal, block_key[..., keys, :], block_value[..., keys, :]
+        if step + 1 < ring.size:
+            key_value = receive_key_value()
+
+
 class _RingAttention(torch.autograd.Function):
     """Ring attention on query [b, groups, heads per group, s/CP, d_qk], key/value [b, groups, 1, s/CP, d]."""
 
     @staticmethod
     def forward(ctx, query, key, value, group, scale):
-        ring = _Ring(group)
-        chunk = query.size(-2) // 2
-        key_value = _packed(key, value)
-        for step in range(ring.size):
-            if step + 1 < ring.size:
-                receive_key_value = ring.shift(key_value, _KEY_VALUE_TAG)
-            block_key, block_value = _unpacked(key_value, key.shape, value.shape)
-            rows, keys, causal = _visible_block((ring.rank - step) % ring.size, ring.rank, chunk)
-            block_output, block_lse = _block_attention(
-                query[..., rows, :], block_key[..., keys, :], block_value[..., keys, :], scale, causal
-            )
+        for step, rows, _, causal, block_key, block_value in _ring_blocks(_Ring(group), key, value):
+            block_output, block_lse = _block_attention(query[..., rows, :], block_key, block_value, scale, causal)
             if step == 0:  # the own block covers every local query
                 output, lse = block_output, block_lse
             else:
                 _merge(output[..., rows, :], lse[..., rows], block_output, block_lse)
-            if step + 1 < ring.size:
-                key_value = receive_key_value()
         output = output.to(query.dtype)
         ctx.save_for_backward(query, key, value, output, lse)
         ctx.group, ctx.scale = group, scale
@@ -259,20 +263,14 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, output, lse = ctx.saved_tensors
         ring, scale = _Ring(ctx.group), ctx.scale
-        chunk = query.size(-2) // 2
         grad_output = grad_output.contiguous()
         delta = (grad_output.float() * output.float()).sum(-1)
         grad_query = torch.zeros_like(query, dtype=torch.float32)
-        key_value = _packed(key, value)
-        for step in range(ring.size):
-            if step + 1 < ring.size:
-                receive_key_value = ring.shift(key_value, _KEY_VALUE_TAG)
-            block_key, block_value = _unpacked(key_value, key.shape, value.shape)
-            rows, keys, causal = _visible_block((ring.rank - step) % ring.size, ring.rank, chunk)
+        for step, rows, keys, causal, block_key, block_value in _ring_blocks(ring, key, value):
             block_grads = _block_gradients(
                 query[..., rows, :],
-                block_key[..., keys, :],
-                block_value[..., keys, :],
+                block_key,
+                block_value,
                 grad_output[..., rows, :],
                 lse[..., rows],
                 delta[..., rows],
@@ -281,15 +279,13 @@ class _RingAttention(torch.autograd.Function):
             )
             grad_query[..., rows, :] += block_grads[0]
             # The held block's dK/dV travel with it: add this rank's share to what the ranks before added.
-            grad_key_value = torch.zeros(key_value.numel(), dtype=torch.float32, device=key_value.device)
+            grad_key_value = torch.zeros(key.numel() + value.numel(), dtype=torch.float32, device=key.device)
             grad_key, grad_value = _unpacked(grad_key_value, key.shape, value.shape)
             grad_key[..., keys, :] += block_grads[1]
             grad_value[..., keys, :] += block_grads[2]
             if step > 0:
                 grad_key_value += receive_grad_key_value()
             receive_grad_key_value = ring.shift(grad_key_value, _GRADIENT_TAG)
-            if step + 1 < ring.size:
-                key_value = receive_key_value()
         # After a full turn each block's gradient is back on the rank that owns it.
         grad_key, grad_value = _unpacked(receive_grad_key_value(), key.shape, value.shape)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
