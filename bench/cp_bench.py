@@ -98,8 +98,8 @@ def main():
     parser.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--comm-types", nargs="+", default=list(CP_COMM_TYPES), choices=CP_COMM_TYPES)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--iters", type=int, default=1)
     options = parser.parse_args()
     for seq_length in options.seq_lengths:

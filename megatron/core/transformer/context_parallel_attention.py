@@ -22,6 +22,8 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.moe.moe_utils import all_to_all
 
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
+# Query rows per tile of the ring's block attention: bounds its fp32 scores to QUERY_TILE x keys per head.
+QUERY_TILE = 1024
 _KEY_VALUE_TAG = 0
 _GRADIENT_TAG = 1
 
@@ -101,7 +103,9 @@ def _all_to_all_attention(query, key, value, group, scale: float) -> torch.Tenso
     """Ulysses: each rank attends over the whole sequence with 1/CP of the heads."""
     cp_size = dist.get_world_size(group)
     if query.size(2) % cp_size:
-        raise ValueError(f"a2a context parallelism splits heads: {query.size(2)} heads are not divisible by CP={cp_size}")
+        raise ValueError(
+            f"a2a context parallelism splits heads: {query.size(2)} heads are not divisible by CP={cp_size}"
+        )
     if key.size(2) % cp_size:  # too few key/value heads to split: give every query head its own copy
         key, value = (tensor.repeat_interleave(query.size(2) // key.size(2), dim=2) for tensor in (key, value))
     # [s/CP, b, n, d] -> [b, n/CP, s, d] in global order
@@ -197,35 +201,54 @@ def _unpacked(buffer: torch.Tensor, *shapes) -> Tuple[torch.Tensor, ...]:
     return tuple(part.view(shape) for part, shape in zip(buffer.split(sizes), shapes))
 
 
-def _block_scores(query, key, scale: float, causal: bool) -> torch.Tensor:
-    """Fresh fp32 attention scores of a block (-inf where causally masked); query [..., hpg, sq, d], key
-    [..., 1, sk, d]."""
+def _query_tiles(query_length: int, causal: bool):
+    """(query rows, key rows, causal offset or None) of each tile of at most QUERY_TILE rows. A causal block is
+    square: a tile sees the keys up to its last row, the ones past its first row masked by the offset."""
+    for start in range(0, query_length, QUERY_TILE):
+        stop = min(start + QUERY_TILE, query_length)
+        yield slice(start, stop), slice(0, stop) if causal else slice(None), start if causal else None
+
+
+def _tile_scores(query, key, scale: float, causal_offset: Optional[int]) -> torch.Tensor:
+    """Fresh fp32 attention scores of a tile, -inf where query row i + causal_offset precedes the key;
+    query [..., hpg, sq, d], key [..., 1, sk, d]."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
-    if causal:
-        scores.masked_fill_(torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
+    if causal_offset is not None:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(causal_offset + 1)
+        scores.masked_fill_(future, float("-inf"))
     return scores
 
 
 def _block_attention(query, key, value, scale: float, causal: bool):
-    """(fp32 output, fp32 log-sum-exp) of one block; the softmax runs in place on the one scores buffer."""
-    probabilities = _block_scores(query, key, scale, causal)
-    row_max = probabilities.amax(dim=-1, keepdim=True)
-    row_sum = probabilities.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-    probabilities.div_(row_sum)
-    lse = (row_sum.log_() + row_max).squeeze(-1)
-    return torch.matmul(probabilities.to(value.dtype), value).float(), lse
+    """(fp32 output, fp32 log-sum-exp) of one block, tile by tile; the softmax runs in place on the scores."""
+    outputs, lses = [], []
+    for rows, keys, causal_offset in _query_tiles(query.size(-2), causal):
+        probabilities = _tile_scores(query[..., rows, :], key[..., keys, :], scale, causal_offset)
+        row_max = probabilities.amax(dim=-1, keepdim=True)
+        row_sum = probabilities.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+        probabilities.div_(row_sum)
+        lses.append((row_sum.log_() + row_max).squeeze(-1))
+        outputs.append(torch.matmul(probabilities.to(value.dtype), value[..., keys, :]).float())
+    return torch.cat(outputs, dim=-2), torch.cat(lses, dim=-1)
 
 
-def _block_gradients(query, key, value, grad_output, lse, delta, scale: float, causal: bool):
-    """(dq, dk, dv) of one block, its probabilities recomputed from the rows' final log-sum-exp; `delta` is the
-    row sum of grad_output x output (the softmax's backward term)."""
-    probabilities = _block_scores(query, key, scale, causal).sub_(lse.unsqueeze(-1)).exp_()
-    grad_value = torch.matmul(probabilities.to(grad_output.dtype).transpose(-1, -2), grad_output).sum(2, keepdim=True)
-    grad_scores = torch.matmul(grad_output, value.transpose(-1, -2)).float()
-    grad_scores = grad_scores.sub_(delta.unsqueeze(-1)).mul_(probabilities).mul_(scale).to(query.dtype)
-    grad_query = torch.matmul(grad_scores, key)
-    grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).sum(2, keepdim=True)
-    return grad_query, grad_key, grad_value
+def _add_block_gradients(query, key, value, grad_output, lse, delta, scale: float, causal: bool, grads) -> None:
+    """Add one block's (dq, dk, dv) into the fp32 `grads`, tile by tile, the probabilities recomputed from the
+    rows' final log-sum-exp; `delta` is the row sum of grad_output x output (the softmax's backward term)."""
+    grad_query, grad_key, grad_value = grads
+    for rows, keys, causal_offset in _query_tiles(query.size(-2), causal):
+        tile_query, tile_key, tile_value = query[..., rows, :], key[..., keys, :], value[..., keys, :]
+        tile_grad_output = grad_output[..., rows, :]
+        probabilities = _tile_scores(tile_query, tile_key, scale, causal_offset)
+        probabilities.sub_(lse[..., rows].unsqueeze(-1)).exp_()
+        grad_value[..., keys, :] += torch.matmul(
+            probabilities.to(tile_grad_output.dtype).transpose(-1, -2), tile_grad_output
+        ).sum(2, keepdim=True)
+        grad_scores = torch.matmul(tile_grad_output, tile_value.transpose(-1, -2)).float()
+        grad_scores = grad_scores.sub_(delta[..., rows].unsqueeze(-1)).mul_(probabilities).mul_(scale)
+        grad_scores = grad_scores.to(query.dtype)
+        grad_query[..., rows, :] += torch.matmul(grad_scores, tile_key)
+        grad_key[..., keys, :] += torch.matmul(grad_scores.transpose(-1, -2), tile_query).sum(2, keepdim=True)
 
 
 def _ring_blocks(ring: _Ring, key, value):
@@ -267,7 +290,10 @@ class _RingAttention(torch.autograd.Function):
         delta = (grad_output.float() * output.float()).sum(-1)
         grad_query = torch.zeros_like(query, dtype=torch.float32)
         for step, rows, keys, causal, block_key, block_value in _ring_blocks(ring, key, value):
-            block_grads = _block_gradients(
+            # The held block's dK/dV travel with it: add this rank's share to what the ranks before added.
+            grad_key_value = torch.zeros(key.numel() + value.numel(), dtype=torch.float32, device=key.device)
+            grad_key, grad_value = _unpacked(grad_key_value, key.shape, value.shape)
+            _add_block_gradients(
                 query[..., rows, :],
                 block_key,
                 block_value,
@@ -276,13 +302,8 @@ class _RingAttention(torch.autograd.Function):
                 delta[..., rows],
                 scale,
                 causal,
+                (grad_query[..., rows, :], grad_key[..., keys, :], grad_value[..., keys, :]),
             )
-            grad_query[..., rows, :] += block_grads[0]
-            # The held block's dK/dV travel with it: add this rank's share to what the ranks before added.
-            grad_key_value = torch.zeros(key.numel() + value.numel(), dtype=torch.float32, device=key.device)
-            grad_key, grad_value = _unpacked(grad_key_value, key.shape, value.shape)
-            grad_key[..., keys, :] += block_grads[1]
-            grad_value[..., keys, :] += block_grads[2]
             if step > 0:
                 grad_key_value += receive_grad_key_value()
             receive_grad_key_value = ring.shift(grad_key_value, _GRADIENT_TAG)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import parallel_state
+from megatron.core.transformer import context_parallel_attention as cp_attention
 from megatron.core.transformer.context_parallel_attention import (
     CP_COMM_TYPES,
     context_parallel_attention,
@@ -42,6 +43,7 @@ def _full_attention_and_grads(case, seed):
 def _cp_equals_full_attention(rank):
     """On 4 ranks: CP=4, then CP=2 (x DP=2)."""
     torch.set_num_threads(1)  # four ranks share the test machine's cores
+    cp_attention.QUERY_TILE = 3  # the ring's blocks (2 to 8 query rows) span several tiles
     _check_against_full_attention()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(context_parallel_size=2)
@@ -80,7 +82,8 @@ def test_context_parallel_attention_equals_full_causal_sdpa(run_on_gloo):
 )
 def test_context_parallel_attention_refuses_bad_input(comm_type, query_shape, key_shape, message):
     with pytest.raises(ValueError, match=message):
-        context_parallel_attention(torch.zeros(query_shape), torch.zeros(key_shape), torch.zeros(key_shape), None, comm_type)
+        query, key = torch.zeros(query_shape), torch.zeros(key_shape)
+        context_parallel_attention(query, key, key, None, comm_type)
 
 
 def test_load_balanced_indices_hold_chunks_r_and_2cp_minus_1_minus_r():
