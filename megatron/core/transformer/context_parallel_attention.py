@@ -61,6 +61,8 @@ def context_parallel_attention(
     if query.size(2) % key.size(2):
         raise ValueError(f"{query.size(2)} query heads cannot share {key.size(2)} key/value heads evenly")
     scale = query.size(-1) ** -0.5 if softmax_scale is None else softmax_scale
+    if dist.get_world_size(cp_group) == 1:
+        return _causal_attention(query, key, value, scale)
     if comm_type == "all_gather":
         return _all_gather_attention(query, key, value, cp_group, scale)
     if comm_type == "a2a":
@@ -108,15 +110,21 @@ def _all_to_all_attention(query, key, value, group, scale: float) -> torch.Tenso
         )
     if key.size(2) % cp_size:  # too few key/value heads to split: give every query head its own copy
         key, value = (tensor.repeat_interleave(query.size(2) // key.size(2), dim=2) for tensor in (key, value))
-    # [s/CP, b, n, d] -> [b, n/CP, s, d] in global order
+    # [s/CP, b, n, d] -> [s, b, n/CP, d] in global order
     query, key, value = (
-        _rank_major_to_global(_heads_to_sequence(tensor, group), cp_size).permute(1, 2, 0, 3)
-        for tensor in (query, key, value)
+        _rank_major_to_global(_heads_to_sequence(tensor, group), cp_size) for tensor in (query, key, value)
     )
+    context = _causal_attention(query, key, value, scale)
+    return _sequence_to_heads(_global_to_rank_major(context, cp_size), group)
+
+
+def _causal_attention(query, key, value, scale: float) -> torch.Tensor:
+    """Causal SDPA over a whole sequence in global order, [s, b, n, d] in and out."""
+    query, key, value = (tensor.permute(1, 2, 0, 3) for tensor in (query, key, value))
     context = F.scaled_dot_product_attention(
         query, key, value, is_causal=True, scale=scale, enable_gqa=query.size(1) != key.size(1)
     )
-    return _sequence_to_heads(_global_to_rank_major(context.permute(2, 0, 1, 3), cp_size), group)
+    return context.permute(2, 0, 1, 3)
 
 
 def _heads_to_sequence(tensor, group) -> torch.Tensor:

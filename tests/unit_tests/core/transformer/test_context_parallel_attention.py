@@ -41,13 +41,14 @@ def _full_attention_and_grads(case, seed):
 
 
 def _cp_equals_full_attention(rank):
-    """On 4 ranks: CP=4, then CP=2 (x DP=2)."""
+    """On 4 ranks: CP=4, then CP=2 (x DP=2), then CP=1 (plain causal attention)."""
     torch.set_num_threads(1)  # four ranks share the test machine's cores
     cp_attention.QUERY_TILE = 3  # the ring's blocks (2 to 8 query rows) span several tiles
     _check_against_full_attention()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(context_parallel_size=2)
-    _check_against_full_attention()
+    for cp_size in (2, 1):
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(context_parallel_size=cp_size)
+        _check_against_full_attention()
 
 
 def _check_against_full_attention():
