@@ -2,14 +2,16 @@
 on gloo/CPU as on NCCL/GPU (Megatron-LM's CP needs Transformer Engine).
 
 Megatron's load-balanced layout: the sequence is cut into 2 x CP chunks and CP rank r holds chunks r and
-2CP-1-r, concatenated, which gives every rank the same share of causal work. Two algorithms (`--cp-comm-type`):
+2CP-1-r, concatenated, which gives every rank the same share of causal work. Three algorithms
+(`--cp-comm-type`):
 
 - `all_gather`: keys/values are all-gathered (their gradients reduce-scattered back) and each local query chunk
   attends to the keys before it;
 - `p2p` (ring): key/value blocks travel around the ring while the block in hand is attended to; partial results
   merge by their log-sum-exp, fully masked blocks are skipped, and the backward sends dK/dV around the ring;
 - `a2a` (Ulysses): an all-to-all trades the sequence split for a head split, every rank attends over the whole
-  sequence with its share of the heads, and a second all-to-all trades back.
+  sequence with its share of the heads, and a second all-to-all trades back (heads must divide by CP; key/value
+  heads too few to split are copied per query head).
 """
 
 from typing import Callable, Optional, Tuple
