@@ -1,5 +1,6 @@
-"""Context-parallel attention (all_gather and p2p ring) on 2 and 4 gloo ranks against full-sequence causal SDPA
-in one process, and Megatron's load-balanced split of a batch (rank r holds chunks r and 2CP-1-r)."""
+"""Context-parallel attention (p2p ring, all_gather, a2a) at CP=4, 2 and 1 on 4 gloo ranks: output and dq/dk/dv
+equal full-sequence causal SDPA in one process; and Megatron's load-balanced split of a batch (rank r holds
+chunks r and 2CP-1-r), against megatron-core's."""
 
 import json
 
