@@ -70,11 +70,12 @@ def free_port() -> int:
 
 
 def gloo_worker(rank, world_size, port, layout, function, args):
-    """One rank of run_on_gloo: join the gloo group, lay out model parallelism, run function(rank, *args)."""
+    """One rank of run_on_gloo: join the gloo group, lay out model parallelism (`layout`: keyword arguments of
+    initialize_model_parallel), run function(rank, *args)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        parallel_state.initialize_model_parallel(*layout)
+        parallel_state.initialize_model_parallel(**layout)
         function(rank, *args)
     finally:
         parallel_state.destroy_model_parallel()
@@ -83,11 +84,16 @@ def gloo_worker(rank, world_size, port, layout, function, args):
 
 @pytest.fixture
 def run_on_gloo():
-    """run_on_gloo(world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1):
-    function(rank, *args) on every rank (a module-level function); a failure on any rank fails the test."""
+    """run_on_gloo(world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1,
+    context_parallel_size=1): function(rank, *args) on every rank (a module-level function); a failure on any
+    rank fails the test."""
 
-    def run(world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1):
-        layout = (tensor_parallel_size, pipeline_parallel_size)
+    def run(world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1, context_parallel_size=1):
+        layout = dict(
+            tensor_model_parallel_size=tensor_parallel_size,
+            pipeline_model_parallel_size=pipeline_parallel_size,
+            context_parallel_size=context_parallel_size,
+        )
         mp.spawn(gloo_worker, args=(world_size, free_port(), layout, function, args), nprocs=world_size, join=True)
 
     return run

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.errors import UserError
+from megatron.core.transformer.context_parallel_attention import load_balanced_indices
 from megatron.training.global_vars import get_args
 
 
@@ -125,9 +126,8 @@ def get_batch_on_this_cp_rank(batch: dict) -> dict:
         if value is None:
             continue
         seq_dim = 2 if key == "attention_mask" else 1
-        chunks = value.view(*value.shape[:seq_dim], 2 * cp_size, value.shape[seq_dim] // (2 * cp_size), *value.shape[seq_dim + 1 :])
-        kept = chunks.index_select(seq_dim, torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=value.device))
-        batch[key] = kept.reshape(*value.shape[:seq_dim], -1, *value.shape[seq_dim + 1 :])
+        kept = load_balanced_indices(value.shape[seq_dim], cp_rank, cp_size, device=value.device)
+        batch[key] = value.index_select(seq_dim, kept)
     return batch
 
 

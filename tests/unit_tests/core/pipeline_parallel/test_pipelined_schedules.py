@@ -154,4 +154,5 @@ def _check_all_cases(rank):
 
 
 def test_pipelined_schedules_match_unsplit_model_and_refuse_too_few_microbatches():
-    mp.spawn(gloo_worker, args=(2, free_port(), (1, 2), _check_all_cases, ()), nprocs=2, join=True)
+    layout = dict(pipeline_model_parallel_size=2)
+    mp.spawn(gloo_worker, args=(2, free_port(), layout, _check_all_cases, ()), nprocs=2, join=True)
