@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import broadcast_data, linear_with_frozen_weight
 from megatron.training.global_vars import set_args
 from megatron.training.utils import get_batch_on_this_tp_rank
