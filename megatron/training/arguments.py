@@ -1103,6 +1103,11 @@ def add_data_args(parser):
         help="Extra fraction of samples each blended dataset builds beyond its share.",
     )
     group.add_argument(
+        "--renormalize-blend-weights",
+        action="store_true",
+        help="Weigh a weighted blend by the samples each dataset was built with (its share plus the surplus).",
+    )
+    group.add_argument(
         "--num-dataset-builder-threads", type=int, default=1, help="Threads building the datasets of a blend."
     )
     group.add_argument("--num-workers", type=int, default=2, help="Dataloader worker processes.")

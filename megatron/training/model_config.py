@@ -95,6 +95,7 @@ def core_gpt_dataset_config_from_args(args, tokenizer) -> GPTDatasetConfig:
         eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=args.create_attention_mask_in_dataloader,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        renormalize_blend_weights=args.renormalize_blend_weights,
         shared_storage=not args.no_shared_storage,
         vocab_size=getattr(args, "padded_vocab_size", None),
     )

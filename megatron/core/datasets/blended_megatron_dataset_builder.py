@@ -118,6 +118,8 @@ class BlendedMegatronDatasetBuilder:
             if size is None or size <= sum(lengths):
                 return lengths, size
             weights = lengths  # the members were rebuilt with their shares of `size`, as for a weighted blend
+        elif self.config.renormalize_blend_weights:
+            weights = self._mid_level_sizes(split_index, members, weights)
         return normalize(weights), sum(_get_size_per_split_per_dataset(normalize(weights), size, 0.0))
 
     def _rebuild_unweighted_blends_past_one_epoch(self, plans, mid_level) -> Dict:

@@ -48,6 +48,10 @@ class BlendedMegatronDatasetConfig:
     mid_level_dataset_surplus: float = 0.005
     """Extra fraction of samples each blended dataset builds beyond its share, so the blend never runs out."""
 
+    renormalize_blend_weights: bool = False
+    """Weigh a weighted blend by the samples each of its datasets was built with (its share plus the surplus,
+    rounded up) instead of by the given weights (Megatron-LM core_v0.9.0); off keeps the sample order."""
+
     allow_ambiguous_pad_tokens: bool = False
     """Mask tokens equal to the pad id even when the pad id is also another special token (usually a bug)."""
 

@@ -28,6 +28,15 @@ def build_blend(prefixes, weights, size, cache):
     return BlendedMegatronDatasetBuilder(GPTDataset, [size, None, None], lambda: True, config).build()[0]
 
 
+def test_renormalized_blend_weighs_the_samples_each_dataset_was_built_with(two_prefixes, tmp_path):
+    config = gpt_config(blend=(two_prefixes, [0.25, 0.75]), split="1,0,0", path_to_cache=str(tmp_path / "cache"),
+                        renormalize_blend_weights=True)
+    blend = BlendedMegatronDatasetBuilder(GPTDataset, [150, None, None], lambda: True, config).build()[0]
+    # asked of the datasets: shares ceil(37.5) = 38 and ceil(112.5) = 113, plus 0.5% surplus rounded up
+    assert blend.weights == pytest.approx([39 / 153, 114 / 153])
+    assert build_blend(two_prefixes, [0.25, 0.75], 150, str(tmp_path / "plain")).weights == pytest.approx([0.25, 0.75])
+
+
 def test_blend_reads_each_sample_from_its_member(two_prefixes, tmp_path):
     blend = build_blend(two_prefixes, [0.3, 0.7], 60, str(tmp_path / "cache"))
     assert isinstance(blend, BlendedDataset) and len(blend) == 60
