@@ -4,6 +4,10 @@ Both samplers hand each data-parallel rank its slice of every global batch and s
 so a resumed run reads exactly the batches an uninterrupted run would have read next.
 """
 
+import atexit
+import ctypes
+import multiprocessing
+import os
 import signal
 from typing import Iterator, List, Optional
 
@@ -134,12 +138,39 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, args) -> Optio
         num_workers=args.num_workers,
         pin_memory=args.device == "cuda",
         persistent_workers=args.num_workers > 0,
-        worker_init_fn=ignore_exit_signals,
+        worker_init_fn=worker_exit_signals(),
     )
 
 
-def ignore_exit_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGINT: schedulers signal the whole process group, and a worker
-    dying first would fail the training process before it can save; the training process stops them itself."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+class WorkerExitSignals:
+    """DataLoader workers ignore SIGTERM and SIGINT while the training process runs: schedulers signal the whole
+    process group, and a worker dying first would fail the training process before it can save. Once the training
+    process is exiting, the same signals end them: Python's exit stops daemonic children with SIGTERM and then
+    waits for them, so a worker that ignored it would hang the exit forever."""
+
+    def __init__(self):
+        self.parent_exiting = multiprocessing.RawValue(ctypes.c_bool, False)
+        atexit.register(self._mark_parent_exiting)  # runs before multiprocessing's own exit handler (LIFO)
+
+    def _mark_parent_exiting(self) -> None:
+        self.parent_exiting.value = True
+
+    def __call__(self, worker_id: int) -> None:
+        """The DataLoader's `worker_init_fn`."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_exit_signal)
+
+    def _on_exit_signal(self, signum, frame) -> None:
+        if self.parent_exiting.value:
+            os._exit(0)  # a worker only reads samples: nothing to flush
+
+
+_WORKER_EXIT_SIGNALS: Optional[WorkerExitSignals] = None
+
+
+def worker_exit_signals() -> WorkerExitSignals:
+    """The process's one `WorkerExitSignals` (one exit hook however many loaders are built)."""
+    global _WORKER_EXIT_SIGNALS
+    if _WORKER_EXIT_SIGNALS is None:
+        _WORKER_EXIT_SIGNALS = WorkerExitSignals()
+    return _WORKER_EXIT_SIGNALS

@@ -101,3 +101,37 @@ def test_loader_of_each_rank_reads_its_slice_and_resumes(dataloader_type, monkey
     for rank in range(DP):
         assert batches(rank, 0, 8) == sampler_batches(0, rank)[:8]
         assert batches(rank, 2 * GLOBAL, 6) == batches(rank, 0, 8)[2:]
+
+
+_WORKERS_SCRIPT = """
+import os, signal, sys, time
+import torch
+from megatron.training.datasets.data_samplers import worker_exit_signals
+
+loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True,
+                                     worker_init_fn=worker_exit_signals())
+batches = iter(loader)
+next(batches)
+for worker in batches._workers:
+    os.kill(worker.pid, signal.SIGTERM)  # as a scheduler signals the whole process group
+time.sleep(0.5)
+assert all(worker.is_alive() for worker in batches._workers), "a worker died of SIGTERM while training ran"
+assert sum(len(batch) for batch in batches) == 60
+sys.modules["__main__"].KEEP_ALIVE = batches  # the iterator is still alive when the interpreter exits
+print("done", flush=True)
+"""
+
+
+def test_loader_workers_survive_sigterm_and_never_hang_the_exit():
+    """Workers outlive a process-group SIGTERM, yet Python's exit (SIGTERM to daemonic children, then join)
+    still ends them: the exit used to wait forever on workers that ignored SIGTERM."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    run = subprocess.run(
+        [sys.executable, "-c", _WORKERS_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "done"
