@@ -187,12 +187,15 @@ def initialize_model_parallel(
     encoder_pipeline_model_parallel_size: Optional[int] = 0,
     get_embedding_ranks: Optional[Callable[[List[int], Optional[int]], List[int]]] = None,
     get_position_embedding_ranks: Optional[Callable[[List[int], Optional[int]], List[int]]] = None,
+    expert_tensor_parallel_size: Optional[int] = None,
 ) -> None:
     """Create every model-parallel group of this layout over the default process group.
 
     Every rank must call this with the same arguments; torch.distributed must already be initialised.
-    Data parallelism takes the ranks left over: DP = world / (TP * CP * PP). Encoder-decoder layouts
-    (`encoder_*` > 0) are not supported.
+    Data parallelism takes the ranks left over: DP = world / (TP * CP * PP). MoE layers fold their own layout
+    over the same ranks (Megatron's expert folding): expert tensor parallel ETP (default TP) x expert parallel EP
+    x expert data parallel world / (ETP * EP * PP) x the same pipeline stages, without context parallelism.
+    Encoder-decoder layouts (`encoder_*` > 0) are not supported.
     """
     if not torch.distributed.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed.init_process_group() to have run first")
@@ -212,29 +215,47 @@ def initialize_model_parallel(
             f"launch a multiple of {model_size} processes"
         )
     data_parallel_size = world_size // model_size
-    if data_parallel_size % expert_model_parallel_size:
+    expert_tensor_parallel_size = expert_tensor_parallel_size or tensor_model_parallel_size
+    expert_model_size = expert_tensor_parallel_size * expert_model_parallel_size * pipeline_model_parallel_size
+    if expert_tensor_parallel_size < 1 or world_size % expert_model_size:
         raise ParallelLayoutError(
-            f"data-parallel size {data_parallel_size} is not divisible by expert-parallel size "
-            f"{expert_model_parallel_size}; change --expert-model-parallel-size or the number of processes"
+            f"world size {world_size} is not divisible by expert-tensor-parallel size {expert_tensor_parallel_size} "
+            f"x expert-parallel size {expert_model_parallel_size} x pipeline-parallel size "
+            f"{pipeline_model_parallel_size}; change --expert-model-parallel-size, --expert-tensor-parallel-size or "
+            f"the number of processes"
         )
     if virtual_pipeline_model_parallel_size is not None and pipeline_model_parallel_size < 2:
         raise ParallelLayoutError("a virtual pipeline (interleaved schedule) needs pipeline-model-parallel size > 1")
 
     generator = RankGenerator(
         tp=tensor_model_parallel_size,
-        ep=expert_model_parallel_size,
+        ep=1,
         dp=data_parallel_size,
         pp=pipeline_model_parallel_size,
         cp=context_parallel_size,
         order=order,
     )
+    expert_generator = RankGenerator(
+        tp=expert_tensor_parallel_size,
+        ep=expert_model_parallel_size,
+        dp=world_size // (expert_tensor_parallel_size * pipeline_model_parallel_size),
+        pp=pipeline_model_parallel_size,
+        cp=1,
+        order=order,
+    )
+    if expert_generator.get_ranks("pp") != generator.get_ranks("pp"):
+        raise ParallelLayoutError(
+            f"the order {order} gives MoE layers other pipeline stages than the dense layers; keep pp last"
+        )
     new_group = _GroupFactory(
         timedelta(minutes=distributed_timeout_minutes), _read_nccl_configs(nccl_communicator_config_path)
     )
     rank = torch.distributed.get_rank()
 
     def build(name: str, token: str, pg_name: str, independent_ep: bool = False, gloo: bool = False):
-        for ranks in generator.get_ranks(token, independent_ep=independent_ep):
+        # Expert groups (independent_ep) come from the expert layout.
+        layout = expert_generator if independent_ep else generator
+        for ranks in layout.get_ranks(token, independent_ep=independent_ep):
             group = new_group(ranks, pg_name)
             gloo_group = new_group(ranks, pg_name, gloo=True) if gloo else None
             if rank in ranks:
@@ -254,8 +275,10 @@ def initialize_model_parallel(
     build("tp-cp", "tp-cp", "tp_cp")
     build("tp-ep", "tp-ep", "tp_exp", independent_ep=True)
     build("ep", "ep", "exp", independent_ep=True)
+    build("etp", "tp", "tp_exp_only", independent_ep=True)
     build("dp-modulo-ep", "dp", "dp_modulo_exp", independent_ep=True, gloo=True)
-    build("dp-modulo-ep-cp", "dp-cp", "dp_modulo_exp_cp", independent_ep=True, gloo=True)
+    # The expert layout has no context-parallel dimension: its data parallelism already spans those ranks.
+    build("dp-modulo-ep-cp", "dp", "dp_modulo_exp_cp", independent_ep=True, gloo=True)
 
     get_embedding_ranks = get_embedding_ranks or partial(
         default_embedding_ranks, split_rank=pipeline_model_parallel_split_rank
@@ -398,11 +421,33 @@ def get_expert_model_parallel_group():
 
 
 def get_tensor_and_expert_parallel_group():
-    return _group("tp-ep", "tensor-and-expert-parallel")
+    """core_v0.9.0's name of get_expert_tensor_and_model_parallel_group."""
+    return get_expert_tensor_and_model_parallel_group()
+
+
+def get_expert_tensor_parallel_group(check_initialized: bool = True):
+    """Ranks splitting each expert's weights (--expert-tensor-parallel-size)."""
+    return _group("etp", "expert-tensor-parallel", check_initialized)
+
+
+def get_expert_tensor_and_model_parallel_group(check_initialized: bool = True):
+    """Expert tensor x expert parallel ranks: where the all-gather dispatcher gathers tokens."""
+    return _group("tp-ep", "expert-tensor-and-model-parallel", check_initialized)
+
+
+def get_expert_tensor_model_pipeline_parallel_group(check_initialized: bool = True):
+    """Expert tensor x expert x pipeline parallel ranks: where routed experts' gradient statistics sum."""
+    return _group("mp-ep", "expert-tensor-model-pipeline-parallel", check_initialized)
+
+
+def get_expert_data_parallel_group(check_initialized: bool = True):
+    """Ranks holding the same expert shards: their gradients are summed over it."""
+    return _group("dp-modulo-ep", "expert-data-parallel", check_initialized)
 
 
 def get_data_modulo_expert_parallel_group(with_context_parallel: bool = False):
-    """Ranks holding the same experts: data parallelism within one expert-parallel rank."""
+    """Ranks holding the same experts: data parallelism within one expert-parallel rank (the expert layout
+    spans the context-parallel ranks, so both variants are the expert-data-parallel group)."""
     if with_context_parallel:
         return _group("dp-modulo-ep-cp", "data-modulo-expert-parallel (with context parallel)")
     return _group("dp-modulo-ep", "data-modulo-expert-parallel")
@@ -513,6 +558,26 @@ def get_tensor_and_expert_parallel_world_size() -> int:
 
 def get_tensor_and_expert_parallel_rank() -> int:
     return _rank("tp-ep")
+
+
+def get_expert_tensor_parallel_world_size() -> int:
+    return _size("etp")
+
+
+def get_expert_tensor_parallel_rank() -> int:
+    return _rank("etp")
+
+
+def get_expert_data_parallel_world_size() -> int:
+    return _size("dp-modulo-ep")
+
+
+def get_expert_data_parallel_rank() -> int:
+    return _rank("dp-modulo-ep")
+
+
+get_expert_tensor_and_model_parallel_world_size = get_tensor_and_expert_parallel_world_size
+get_expert_tensor_and_model_parallel_rank = get_tensor_and_expert_parallel_rank
 
 
 def get_data_modulo_expert_parallel_rank(with_context_parallel: bool = False) -> int:

@@ -1401,10 +1401,21 @@ def _validate_moe_args(args):
         not args.use_legacy_models,
         "--num-experts needs the mcore stack: MoE layers are not built by --use-legacy-models; drop that flag",
     )
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = args.tensor_model_parallel_size
+    etp, ep, pp = args.expert_tensor_parallel_size, args.expert_model_parallel_size, args.pipeline_model_parallel_size
+    _require(etp >= 1 and ep >= 1, "--expert-tensor-parallel-size and --expert-model-parallel-size must be at least 1")
     _require(
-        args.data_parallel_size % args.expert_model_parallel_size == 0,
-        f"data-parallel size {args.data_parallel_size} is not divisible by --expert-model-parallel-size "
-        f"{args.expert_model_parallel_size}; launch a multiple of TP x PP x EP processes",
+        args.world_size % (etp * ep * pp) == 0,
+        f"world size {args.world_size} is not divisible by --expert-tensor-parallel-size {etp} x "
+        f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size {pp}; launch a multiple of "
+        f"{etp * ep * pp} processes",
+    )
+    _require(
+        etp in (1, args.tensor_model_parallel_size),
+        f"--expert-tensor-parallel-size {etp} must be 1 or --tensor-model-parallel-size "
+        f"{args.tensor_model_parallel_size}: the torch checkpoint format stores experts in the tensor-parallel "
+        "rank files",
     )
     if args.first_k_dense_replace is not None and args.first_k_dense_replace >= 0:
         _require(

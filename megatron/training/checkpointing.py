@@ -50,6 +50,18 @@ def _parallel_ranks():
     )
 
 
+def _writes_rank_file() -> bool:
+    """Whether this rank writes its rank file: the lowest global rank with its (tensor, pipeline, expert) ranks,
+    the coordinates in the file name (ranks that share them hold the same weights)."""
+    if not parallel_state.model_parallel_is_initialized() or not dist.is_initialized():
+        return True
+    tensor_rank, pipeline_rank, _ = _parallel_ranks()
+    coordinates = [tensor_rank, pipeline_rank, parallel_state.get_expert_model_parallel_rank()]
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, coordinates)
+    return every_rank.index(coordinates) == dist.get_rank()
+
+
 def _expert_parallel_rank_and_size():
     if not parallel_state.model_parallel_is_initialized():
         return 0, 1
@@ -359,8 +371,7 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     distributed_optimizer_state = (
         optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None
     )
-    # Expert-data-parallel rank 0: data-parallel rank 0, and with expert parallelism one rank per expert group.
-    if parallel_state.get_data_modulo_expert_parallel_rank(with_context_parallel=True) == 0:
+    if _writes_rank_file():
         state_dict = {
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,

@@ -65,6 +65,7 @@ def _initialize_distributed(args, get_embedding_ranks=None, get_position_embeddi
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
             expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
             nccl_communicator_config_path=args.nccl_communicator_config_path,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
             order="tp-cp-ep-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",

@@ -27,6 +27,14 @@ def _all_reduce(values: torch.Tensor, group) -> torch.Tensor:
     return values
 
 
+def _summed_over_its_group(entry, num_layers: int, device) -> torch.Tensor:
+    """One loss's per-layer values; a balancing loss is split over the ranks that counted its tokens together
+    (tensor x context parallel: each holds part of the sequence) and summed over them first."""
+    if entry is None:
+        return torch.zeros(num_layers, device=device)
+    return _all_reduce(entry["values"].float().to(device), entry.get("reduce_group"))
+
+
 def moe_aux_loss_report(config, num_microbatches: int, writer=None, iteration: int = 0, per_layer: bool = False) -> Dict[str, float]:
     """{name: value} of this step's aux losses (a collective over pipeline and tensor x data x context parallel
     ranks); clears the tracker. With `per_layer`, TensorBoard also gets `moe/{name}_layer_{i}`."""
@@ -34,11 +42,8 @@ def moe_aux_loss_report(config, num_microbatches: int, writer=None, iteration: i
     if config.num_moe_experts is None or not names:
         return {}
     tracker = get_moe_layer_wise_logging_tracker()
-    values = torch.stack(
-        [tracker[name]["values"].float().cpu() if name in tracker else torch.zeros(config.num_layers) for name in names]
-    )
     device = torch.device("cuda") if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
-    values = values.to(device)
+    values = torch.stack([_summed_over_its_group(tracker.get(name), config.num_layers, device) for name in names])
     _all_reduce(values, parallel_state.get_pipeline_model_parallel_group())
     replicas = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
     values = _all_reduce(values, replicas) / (dist.get_world_size(replicas) * num_microbatches)

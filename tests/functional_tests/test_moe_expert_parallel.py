@@ -52,11 +52,16 @@ def _train(flags, nproc):
     return records
 
 
+# The z-loss squares the router logits' logsumexp: after a few Adam steps it shows summation-order noise first.
+Z_LOSS_RELATIVE_TOLERANCE = 1e-4
+
+
 def _assert_close(records, reference):
     for iteration, logged in records.items():
         for name, value in logged.items():
             absolute = GRAD_NORM_LOGGED_UNIT if name == "grad norm" else 0
-            assert value == pytest.approx(reference[iteration][name], rel=RELATIVE_TOLERANCE, abs=absolute), (iteration, name)
+            relative = Z_LOSS_RELATIVE_TOLERANCE if name == "z_loss" else RELATIVE_TOLERANCE
+            assert value == pytest.approx(reference[iteration][name], rel=relative, abs=absolute), (iteration, name)
 
 
 def _model_state(path):
@@ -95,13 +100,24 @@ def test_expert_parallel_matches_the_single_process_run(single_process, expert_p
         assert torch.count_nonzero(state[prefix + "router.expert_bias"]) > 0
 
 
+# Tensor parallelism inside MoE layers: sequence parallel, and a vocabulary padded to the single process's size.
+TENSOR_PARALLEL = ["--tensor-model-parallel-size", 2, "--sequence-parallel", "--make-vocab-size-divisible-by", 64]
+
+
 @pytest.mark.parametrize(
-    "extra",
-    [["--expert-model-parallel-size", 2, "--use-distributed-optimizer"], ["--pipeline-model-parallel-size", 2]],
-    ids=["ep2-distopt-allgather", "pp2-dense-and-moe-stages"],
+    "extra, nproc",
+    [
+        (["--expert-model-parallel-size", 2, "--use-distributed-optimizer"], 2),
+        (["--pipeline-model-parallel-size", 2], 2),
+        # Whole experts (ETP=1) on both tensor-parallel ranks: expert gradients summed over them.
+        ([*TENSOR_PARALLEL, "--expert-tensor-parallel-size", 1], 2),
+        # EP=2 x TP=2 (ETP=2 by default): each expert split over two ranks, tokens gathered to both slices.
+        ([*TENSOR_PARALLEL, "--expert-model-parallel-size", 2, "--moe-token-dispatcher-type", "alltoall"], 4),
+    ],
+    ids=["ep2-distopt-allgather", "pp2-dense-and-moe-stages", "tp2-etp1", "ep2-tp2-alltoall"],
 )
-def test_other_layouts_match_the_single_process_run(data_path, single_process, extra):
-    _assert_close(_train(_flags(data_path, *extra), nproc=2), single_process[0])
+def test_other_layouts_match_the_single_process_run(data_path, single_process, extra, nproc):
+    _assert_close(_train(_flags(data_path, *extra), nproc=nproc), single_process[0])
 
 
 def test_distributed_optimizer_checkpoint_resumes_at_ep2(data_path, single_process, tmp_path):

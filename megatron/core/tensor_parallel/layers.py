@@ -6,7 +6,7 @@ features (columns), VocabParallelEmbedding the vocabulary. Every parameter recor
 (`tensor_model_parallel`, `partition_dim`, `partition_stride`) for gradient-norm and checkpoint code.
 """
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,21 @@ def default_device(use_cpu_initialization: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def _split_size_and_rank(is_expert: bool) -> Tuple[int, int]:
+    """(ranks a weight is split over, this rank's index): the tensor-parallel group, or for routed experts the
+    expert-tensor-parallel group (--expert-tensor-parallel-size)."""
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_world_size(), parallel_state.get_expert_tensor_parallel_rank()
+    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
 def _initialize_slice_from_master(
     weight: torch.Tensor,
     full_shape,
     partition_dim: int,
     stride: int,
     init_method: Callable,
+    is_expert: bool = False,
 ) -> None:
     """Initialise the full weight from the default generator and copy this rank's slice into `weight`.
 
@@ -64,8 +73,7 @@ def _initialize_slice_from_master(
     master = torch.empty(full_shape, dtype=torch.float32)
     init_method(master)
     master = master.to(dtype=weight.dtype)
-    world_size = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    world_size, rank = _split_size_and_rank(is_expert)
     mine = shard_of(master, rank, world_size, partition_dim, stride)
     with torch.no_grad():
         weight.copy_(mine)
@@ -78,12 +86,13 @@ def _initialize_weight(
     init_method: Callable,
     partition_dim: int,
     stride: int = 1,
+    is_expert: bool = False,
 ) -> None:
     set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
     if not config.perform_initialization:
         return
     if config.use_cpu_initialization:
-        _initialize_slice_from_master(weight, full_shape, partition_dim, stride, init_method)
+        _initialize_slice_from_master(weight, full_shape, partition_dim, stride, init_method, is_expert)
     else:
         # Each rank draws its own slice from its tensor-parallel stream: different slices per rank.
         with get_cuda_rng_tracker().fork():
@@ -146,7 +155,9 @@ class ColumnParallelLinear(torch.nn.Module):
 
     Returns (output, bias): the bias is returned instead of added when `skip_bias_add`, so the caller can
     fuse it into the next elementwise op. `skip_weight_param_allocation` makes a layer whose weight is
-    passed to forward (the output layer tied to the word embeddings).
+    passed to forward (the output layer tied to the word embeddings). `is_expert`: a routed expert's
+    projection, split over the expert-tensor-parallel ranks; its token dispatcher gathers the input and reduces
+    the output, so the layer itself communicates nothing.
     """
 
     def __init__(
@@ -161,6 +172,7 @@ class ColumnParallelLinear(torch.nn.Module):
         stride: int = 1,
         skip_bias_add: bool = False,
         skip_weight_param_allocation: bool = False,
+        is_expert: bool = False,
     ):
         super().__init__()
         self.input_size = input_size
@@ -168,13 +180,14 @@ class ColumnParallelLinear(torch.nn.Module):
         self.gather_output = gather_output
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = config.sequence_parallel
-        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.is_expert = is_expert
+        world_size, _ = _split_size_and_rank(is_expert)
         self.output_size_per_partition = divide(output_size, world_size)
         if skip_weight_param_allocation:
             self.weight = None
         else:
             self.weight = _new_parameter((self.output_size_per_partition, input_size), config)
-            _initialize_weight(self.weight, (output_size, input_size), config, init_method, 0, stride)
+            _initialize_weight(self.weight, (output_size, input_size), config, init_method, 0, stride, is_expert)
         if bias:
             self.bias = _new_parameter((self.output_size_per_partition,), config, zero=True)
             set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
@@ -191,7 +204,9 @@ class ColumnParallelLinear(torch.nn.Module):
                 f"weight of shape {tuple(weight.shape)} passed to a ColumnParallelLinear expecting "
                 f"{(self.output_size_per_partition, self.input_size)}"
             )
-        if self.sequence_parallel:
+        if self.is_expert:
+            input_parallel = input_
+        elif self.sequence_parallel:
             input_parallel = gather_from_sequence_parallel_region(input_)
         else:
             input_parallel = copy_to_tensor_model_parallel_region(input_)
@@ -205,7 +220,8 @@ class ColumnParallelLinear(torch.nn.Module):
 class RowParallelLinear(torch.nn.Module):
     """Y = XA + b with A split along its input features: rank r computes X_r A_r and the partial
     products are summed (all-reduce, or reduce-scatter along the sequence with sequence parallelism).
-    The bias is replicated and added once, after the sum."""
+    The bias is replicated and added once, after the sum. `is_expert`: as in ColumnParallelLinear, split over
+    the expert-tensor-parallel ranks and returning the partial product (the token dispatcher sums it)."""
 
     def __init__(
         self,
@@ -218,6 +234,7 @@ class RowParallelLinear(torch.nn.Module):
         input_is_parallel: bool = False,
         skip_bias_add: bool = False,
         stride: int = 1,
+        is_expert: bool = False,
     ):
         super().__init__()
         self.input_size = input_size
@@ -225,12 +242,13 @@ class RowParallelLinear(torch.nn.Module):
         self.input_is_parallel = input_is_parallel
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = config.sequence_parallel
+        self.is_expert = is_expert
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("sequence parallelism needs RowParallelLinear inputs that are already split")
-        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        world_size, _ = _split_size_and_rank(is_expert)
         self.input_size_per_partition = divide(input_size, world_size)
         self.weight = _new_parameter((output_size, self.input_size_per_partition), config)
-        _initialize_weight(self.weight, (output_size, input_size), config, init_method, 1, stride)
+        _initialize_weight(self.weight, (output_size, input_size), config, init_method, 1, stride, is_expert)
         if bias:
             self.bias = _new_parameter((output_size,), config, zero=True)
             set_tensor_model_parallel_attributes(self.bias, False, -1, 1)
@@ -243,7 +261,9 @@ class RowParallelLinear(torch.nn.Module):
     def forward(self, input_: torch.Tensor):
         input_parallel = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight)
-        if self.sequence_parallel:
+        if self.is_expert:
+            output = output_parallel
+        elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel)
         else:
             output = reduce_from_tensor_model_parallel_region(output_parallel)

@@ -37,12 +37,14 @@ def apply_mlp_activation(intermediate, bias, config: TransformerConfig):
 
 
 def build_mlp_projections(
-    config: TransformerConfig, fc1_spec, fc2_spec, ffn_hidden_size: Optional[int] = None
+    config: TransformerConfig, fc1_spec, fc2_spec, ffn_hidden_size: Optional[int] = None, is_expert: bool = False
 ):
     """(up projection h -> ffn (x2 when gated), down projection ffn -> h) built from their specs; `ffn_hidden_size`
-    overrides the config's width (routed and shared experts have their own)."""
+    overrides the config's width (routed and shared experts have their own); `is_expert` splits a routed expert
+    over the expert-tensor-parallel ranks."""
     gated = config.gated_linear_unit
     ffn_hidden_size = config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size
+    expert = {"is_expert": True} if is_expert else {}
     fc1 = build_module(
         fc1_spec,
         config.hidden_size,
@@ -54,6 +56,7 @@ def build_mlp_projections(
         skip_bias_add=True,
         # [gate; up] are split separately, so each rank holds [gate_r; up_r].
         stride=2 if gated else 1,
+        **expert,
     )
     fc2 = build_module(
         fc2_spec,
@@ -64,6 +67,7 @@ def build_mlp_projections(
         bias=config.add_bias_linear,
         input_is_parallel=True,
         skip_bias_add=True,
+        **expert,
     )
     return fc1, fc2
 
@@ -77,10 +81,16 @@ def mlp_forward(fc1, fc2, hidden_states, config: TransformerConfig):
 class MLP(MegatronModule):
     """h -> ffn (x2 when gated) -> activation -> h; returns (output, output_bias)."""
 
-    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, ffn_hidden_size: Optional[int] = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MLPSubmodules,
+        ffn_hidden_size: Optional[int] = None,
+        is_expert: bool = False,
+    ):
         super().__init__(config)
         self.linear_fc1, self.linear_fc2 = build_mlp_projections(
-            config, submodules.linear_fc1, submodules.linear_fc2, ffn_hidden_size
+            config, submodules.linear_fc1, submodules.linear_fc2, ffn_hidden_size, is_expert
         )
 
     def forward(self, hidden_states):

@@ -234,6 +234,7 @@ class TransformerConfig(ModelParallelConfig):
                 raise ConfigError(f"{flag} must be positive, got {width}")
         if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
             raise ConfigError("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        self._check_moe_tensor_parallel()
         self._check_moe_layer_freq()
         self._check_moe_router()
         self._check_moe_load_balancing()
@@ -244,6 +245,26 @@ class TransformerConfig(ModelParallelConfig):
             raise ConfigError(f"--moe-expert-capacity-factor must be positive, got {capacity_factor}")
         if self.moe_pad_expert_input_to_capacity and capacity_factor is None:
             raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+
+    def _check_moe_tensor_parallel(self):
+        etp = self.expert_tensor_parallel_size
+        if etp < 1:
+            raise ConfigError(f"--expert-tensor-parallel-size must be at least 1, got {etp}")
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ConfigError(
+                "MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel (each tensor-parallel "
+                "rank routes its own part of the sequence)"
+            )
+        if etp > 1 and self.add_bias_linear:
+            raise ConfigError(
+                f"--expert-tensor-parallel-size {etp} splits experts without biases: add --disable-bias-linear "
+                "or use --expert-tensor-parallel-size 1"
+            )
+        if self.moe_ffn_hidden_size % etp:
+            raise ConfigError(
+                f"--moe-ffn-hidden-size {self.moe_ffn_hidden_size} is not divisible by --expert-tensor-parallel-size "
+                f"{etp}"
+            )
 
     def _check_moe_layer_freq(self):
         freq = self.moe_layer_freq

@@ -140,6 +140,23 @@ def _check_context_and_expert_groups(rank):
     assert parallel_state.get_tensor_model_parallel_world_size() == 4
     parallel_state.set_tensor_model_parallel_world_size(None)
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    parallel_state.destroy_model_parallel()
+
+    # TP=2 with whole experts (ETP=1): MoE layers fold EP over the tensor-parallel ranks, or (EP=1) hold every
+    # expert on both ranks and sum expert gradients over them.
+    for ep, expert_dp in ((2, 1), (1, 2)):
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=2, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+        )
+        assert parallel_state.get_data_parallel_world_size() == 1
+        assert parallel_state.get_expert_tensor_parallel_world_size() == 1
+        assert parallel_state.get_expert_model_parallel_world_size() == ep
+        assert parallel_state.get_expert_model_parallel_rank() == (rank if ep == 2 else 0)
+        assert parallel_state.get_expert_data_parallel_world_size() == expert_dp
+        assert parallel_state.get_expert_tensor_and_model_parallel_world_size() == ep
+        group = parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+        assert torch.distributed.get_world_size(group) == ep
+        parallel_state.destroy_model_parallel()
 
 
 def _worker(rank, port):

@@ -73,7 +73,11 @@ def test_model_has_moe_exactly_where_the_pattern_says():
     "flags, world_size, message",
     [
         (["--num-experts", "3", "--expert-model-parallel-size", "2"], 2, "--num-experts 3 is not divisible by --expert-model-parallel-size 2"),
-        (["--num-experts", "4", "--expert-model-parallel-size", "2"], 1, "data-parallel size 1 is not divisible by --expert-model-parallel-size 2"),
+        (["--num-experts", "4", "--expert-model-parallel-size", "2"], 1, "world size 1 is not divisible by --expert-tensor-parallel-size 1 x --expert-model-parallel-size 2"),
+        ([*MOE, "--tensor-model-parallel-size", "2"], 2, "need --sequence-parallel"),
+        ([*MOE, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "4"], 4, "must be 1 or --tensor-model-parallel-size 2"),
+        ([*MOE, "--expert-tensor-parallel-size", "2"], 2, "must be 1 or --tensor-model-parallel-size 1"),
+        ([*MOE, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--moe-ffn-hidden-size", "15"], 2, "--moe-ffn-hidden-size 15 is not divisible by --expert-tensor-parallel-size 2"),
         ([*MOE, "--moe-router-topk", "5"], 1, "--moe-router-topk 5 exceeds --num-experts 4"),
         ([*MOE, "--moe-router-num-groups", "2", "--moe-router-group-topk", "3"], 1, "--moe-router-group-topk 3 must lie in"),
         ([*MOE, "--moe-router-num-groups", "2"], 1, "must be given together"),

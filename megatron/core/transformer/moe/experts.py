@@ -54,7 +54,7 @@ class SequentialMLP(MegatronModule):
         """Expert `global_index`, drawn (with --use-cpu-initialization) from a stream of its own, so it has the
         same weights at every expert-parallel size. The offset keeps clear of the other modules' positions."""
         with layout_independent_init(config, (config.num_layers + 2) * (global_index + 1)):
-            return MLP(config, submodules, ffn_hidden_size=config.moe_ffn_hidden_size)
+            return MLP(config, submodules, ffn_hidden_size=config.moe_ffn_hidden_size, is_expert=True)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert: Sequence[int], permuted_probs):
         """Tokens grouped by local expert (`tokens_per_expert` rows each) -> weighted outputs, same order;
@@ -104,7 +104,7 @@ class GroupedGemmMLP(SequentialMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert: Sequence[int], permuted_probs):
         sizes = _split_sizes(tokens_per_expert)
         fc1, fc2 = self.local_experts[0].linear_fc1, self.local_experts[0].linear_fc2
-        widths = (fc1.input_size, fc1.output_size, fc2.input_size)
+        widths = (*fc1.weight.shape, fc2.weight.shape[1])  # this rank's slice under expert tensor parallelism
         if sum(sizes) == 0 or not _grouped_mm_fits(permuted_local_hidden_states, *widths):
             return super().forward(permuted_local_hidden_states, sizes, permuted_probs)
         offsets = torch.tensor(sizes, device=permuted_local_hidden_states.device).cumsum(0).to(torch.int32)

@@ -46,11 +46,6 @@ class MoELayer(MegatronModule):
                 f"the expert-parallel group size {ep_size} differs from --expert-model-parallel-size "
                 f"{config.expert_model_parallel_size}"
             )
-        if config.tensor_model_parallel_size > 1 or config.expert_tensor_parallel_size > 1:
-            raise ConfigError(
-                "MoE layers run without tensor parallelism for now: use --tensor-model-parallel-size 1 "
-                "(and --expert-tensor-parallel-size 1) with --num-experts"
-            )
         self.layer_number = layer_number
         self.num_local_experts = config.num_moe_experts // ep_size
         first = group_rank(self.pg_collection.ep) * self.num_local_experts

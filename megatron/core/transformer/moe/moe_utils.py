@@ -16,13 +16,15 @@ from megatron.core.utils import all_gather_single
 class MoEProcessGroups:
     """The process groups an MoE layer talks over; None means this process alone (no collective).
 
-    `ep`: the expert-parallel peers, each holding num_experts / EP experts. `tp_ep`: the all-gather dispatcher's
-    domain (tensor x expert parallel; the same ranks as `ep` with one tensor-parallel rank, the default).
+    `ep`: the expert-parallel peers, each holding num_experts / EP experts. `etp`: the expert-tensor-parallel
+    peers, each holding a slice of every local expert. `tp_ep`: the all-gather dispatcher's domain (expert tensor
+    x expert parallel; the same ranks as `ep` without expert tensor parallelism, the default).
     `tp_cp`: where the aux losses count tokens and the z-loss is divided. `tp_dp_cp`: where the expert-bias and
     global-aux-loss token counts are summed.
     """
 
     ep: Optional[torch.distributed.ProcessGroup] = None
+    etp: Optional[torch.distributed.ProcessGroup] = None
     tp_ep: Optional[torch.distributed.ProcessGroup] = None
     tp_cp: Optional[torch.distributed.ProcessGroup] = None
     tp_dp_cp: Optional[torch.distributed.ProcessGroup] = None
@@ -38,7 +40,8 @@ class MoEProcessGroups:
             return cls()
         return cls(
             ep=parallel_state.get_expert_model_parallel_group(),
-            tp_ep=parallel_state.get_tensor_and_expert_parallel_group(),
+            etp=parallel_state.get_expert_tensor_parallel_group(),
+            tp_ep=parallel_state.get_expert_tensor_and_model_parallel_group(),
             tp_cp=parallel_state.get_tensor_and_context_parallel_group(),
             tp_dp_cp=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
         )
@@ -97,6 +100,24 @@ def all_to_all(group, input_: torch.Tensor, output_split_sizes: List[int], input
     if group_size(group) == 1:
         return input_
     return _AllToAll.apply(group, input_, list(output_split_sizes), list(input_split_sizes))
+
+
+def gather_rows_uneven(group, rows: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """Every rank's `rows` (sizes[j] rows from rank j) concatenated in rank order (autograd: each rank's
+    gradient is the sum of every rank's gradient of its rows). An all-to-all that sends each rank a copy."""
+    if group_size(group) == 1:
+        return rows
+    copies = rows.repeat((len(sizes),) + (1,) * (rows.dim() - 1))
+    return all_to_all(group, copies, sizes, [rows.shape[0]] * len(sizes))
+
+
+def reduce_scatter_rows_uneven(group, rows: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """The inverse of gather_rows_uneven: `rows` in blocks of sizes[j]; rank j gets block j summed over ranks."""
+    if group_size(group) == 1:
+        return rows
+    mine = sizes[group_rank(group)]
+    received = all_to_all(group, rows, [mine] * len(sizes), sizes)
+    return received.reshape((len(sizes), mine) + tuple(rows.shape[1:])).sum(dim=0)
 
 
 class _RandomLogits(torch.autograd.Function):
@@ -249,7 +270,7 @@ def save_to_aux_losses_tracker(
     if layer_number is None:
         return
     entry = get_moe_layer_wise_logging_tracker().setdefault(name, {})
-    if "values" not in entry:
+    if "values" not in entry or entry["values"].numel() != num_layers:  # new, or left by another model
         entry["values"] = torch.zeros(num_layers, device=loss.device)
     entry["values"][layer_number - 1] += loss.detach().float()
     entry["reduce_group"] = reduce_group

@@ -76,5 +76,5 @@ def test_list_forms_are_accepted():
 def test_layer_refuses_a_group_that_does_not_match_the_flags():
     with pytest.raises(ConfigError, match="group size 1 differs from --expert-model-parallel-size 2"):
         moe_layer(moe_config(expert_model_parallel_size=2))
-    with pytest.raises(ConfigError, match="MoE layers run without tensor parallelism"):
-        MoELayer(moe_config(tensor_model_parallel_size=2), submodules=None)
+    with pytest.raises(ConfigError, match="need --sequence-parallel"):
+        moe_config(tensor_model_parallel_size=2)
