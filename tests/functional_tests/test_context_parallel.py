@@ -1,9 +1,10 @@
 """Context parallelism end to end from pretrain_gpt.py flags (CPU, gloo): a CP=2 run trains like the CP=1 run,
 and its checkpoints resume exactly at CP=2 and with the same losses at CP=1.
 
-One CP=2 run covers the three attention algorithms (one per layer, --cp-comm-type p2p all_gather a2a); the
+One CP=2 run covers the three attention algorithms (one per layer, --cp-comm-type p2p all_gather a2a p2p); the
 distributed optimizer (sharded over data x context parallel ranks) and --eod-mask-loss (a different token count
-on each CP rank) are on in every run so that the loss and gradient reductions are exercised too.
+on each CP rank) are on in every run so that the loss and gradient reductions are exercised too. CP=2 x PP=2 on
+four ranks checks the pipeline messages (a CP rank's share of the sequence).
 """
 
 import pytest
@@ -21,13 +22,14 @@ require_data_pipeline()
 
 TRAIN_ITERS = 6
 SAVE_INTERVAL = 3
+COMM_TYPE_PER_LAYER = ["--cp-comm-type", "p2p", "all_gather", "a2a", "p2p"]
 # Losses are logged with 7 significant digits (~1e-5 at a loss of 10): allow that rounding on top of 1e-5.
 LOSS_TOLERANCE = 1.5e-5
 
 
 def _flags(data_path, *extra):
     return training_flags(
-        data_path, "mcore", "--num-layers", 3, "--train-iters", TRAIN_ITERS,
+        data_path, "mcore", "--num-layers", 4, "--train-iters", TRAIN_ITERS, "--use-cpu-initialization",
         "--attention-dropout", 0, "--hidden-dropout", 0, "--eod-mask-loss", "--use-distributed-optimizer", *extra,
     )
 
@@ -55,7 +57,7 @@ def context_parallel_save(data_path, tmp_path_factory):
     """(stdout, save directory) of a CP=2 run, one attention algorithm per layer, saved every 3 iterations."""
     save_dir = tmp_path_factory.mktemp("cp2")
     flags = _flags(
-        data_path, "--context-parallel-size", 2, "--cp-comm-type", "p2p", "all_gather", "a2a",
+        data_path, "--context-parallel-size", 2, *COMM_TYPE_PER_LAYER,
         "--save", save_dir, "--save-interval", SAVE_INTERVAL,
     )
     result = run_pretrain(flags, nproc=2)
@@ -69,11 +71,20 @@ def test_context_parallel_losses_equal_single_rank(single_rank_run, context_para
     _assert_losses_close(losses, lm_losses(single_rank_run))
 
 
+def test_context_parallel_with_pipeline_parallel_equals_single_rank(data_path, single_rank_run):
+    flags = _flags(data_path, "--context-parallel-size", 2, "--pipeline-model-parallel-size", 2, *COMM_TYPE_PER_LAYER)
+    result = run_pretrain(flags, nproc=4)
+    assert result.returncode == 0, result.stderr
+    losses = lm_losses(result.stdout)
+    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
+    _assert_losses_close(losses, lm_losses(single_rank_run))
+
+
 def test_context_parallel_resume_is_exact(data_path, context_parallel_save):
     stdout, save_dir = context_parallel_save
     resumed = run_pretrain(
         _flags(
-            data_path, "--context-parallel-size", 2, "--cp-comm-type", "p2p", "all_gather", "a2a",
+            data_path, "--context-parallel-size", 2, *COMM_TYPE_PER_LAYER,
             "--load", save_dir, "--ckpt-step", SAVE_INTERVAL,
         ),
         nproc=2,
