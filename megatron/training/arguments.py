@@ -1473,7 +1473,8 @@ def _validate_context_parallel_args(args):
         f"{' x --tensor-model-parallel-size (sequence parallel)' if args.sequence_parallel else ''} = {splits}; "
         "choose a multiple of it",
     )
-    for flag, used in (("--reset-attention-mask", args.reset_attention_mask), ("--reset-position-ids", args.reset_position_ids)):
+    document_resets = (("--reset-attention-mask", args.reset_attention_mask), ("--reset-position-ids", args.reset_position_ids))
+    for flag, used in document_resets:
         _require(
             not used,
             f"{flag} with --context-parallel-size {cp} is not supported: context-parallel attention is causal over "
