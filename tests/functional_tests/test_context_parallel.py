@@ -3,8 +3,9 @@ and its checkpoints resume exactly at CP=2 and with the same losses at CP=1.
 
 One CP=2 run covers the three attention algorithms (one per layer, --cp-comm-type p2p all_gather a2a p2p); the
 distributed optimizer (sharded over data x context parallel ranks) and --eod-mask-loss (a different token count
-on each CP rank) are on in every run so that the loss and gradient reductions are exercised too. CP=2 x PP=2 on
-four ranks checks the pipeline messages (a CP rank's share of the sequence).
+on each CP rank) are on in every run so that the loss and gradient reductions are exercised too, and the MLPs
+are routed experts with a large aux-loss coefficient (whose gradient scale must undo the averaging over CP).
+CP=2 x PP=2 on four ranks checks the pipeline messages (a CP rank's share of the sequence).
 """
 
 import pytest
@@ -30,7 +31,8 @@ LOSS_TOLERANCE = 1.5e-5
 def _flags(data_path, *extra):
     return training_flags(
         data_path, "mcore", "--num-layers", 4, "--train-iters", TRAIN_ITERS, "--use-cpu-initialization",
-        "--attention-dropout", 0, "--hidden-dropout", 0, "--eod-mask-loss", "--use-distributed-optimizer", *extra,
+        "--attention-dropout", 0, "--hidden-dropout", 0, "--eod-mask-loss", "--use-distributed-optimizer",
+        "--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", 1.0, *extra,
     )
 
 

@@ -58,7 +58,8 @@ def _set_moe_aux_loss_scale(config, num_microbatches: int) -> None:
     grad_scale_func = getattr(config, "grad_scale_func", None)
     one = torch.tensor(1.0)  # 0-dim: it multiplies aux-loss gradients on any device
     loss_scale = grad_scale_func(one) if grad_scale_func is not None else one
-    MoEAuxLossAutoScaler.set_loss_scale(loss_scale * parallel_state.get_context_parallel_world_size() / num_microbatches)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp_size / num_microbatches)
 
 
 def forward_step(

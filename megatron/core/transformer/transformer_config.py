@@ -187,7 +187,9 @@ class TransformerConfig(ModelParallelConfig):
         comm_types = self.cp_comm_type if isinstance(self.cp_comm_type, list) else [self.cp_comm_type or "p2p"]
         unknown = [name for name in comm_types if name not in CP_COMM_TYPES]
         if unknown:
-            raise ConfigError(f"--cp-comm-type {unknown[0]!r} is not supported; choose one of {', '.join(CP_COMM_TYPES)}")
+            raise ConfigError(
+                f"--cp-comm-type {unknown[0]!r} is not supported; choose one of {', '.join(CP_COMM_TYPES)}"
+            )
         if isinstance(self.cp_comm_type, list) and len(comm_types) != self.num_layers:
             raise ConfigError(
                 f"--cp-comm-type lists {len(comm_types)} types for {self.num_layers} layers; give one for all layers "
