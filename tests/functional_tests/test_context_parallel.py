@@ -8,6 +8,8 @@ are routed experts with a large aux-loss coefficient (whose gradient scale must 
 CP=2 x PP=2 on four ranks checks the pipeline messages (a CP rank's share of the sequence).
 """
 
+import re
+
 import pytest
 
 from tests.functional_tests.training_runs import (
@@ -67,10 +69,18 @@ def context_parallel_save(data_path, tmp_path_factory):
     return result.stdout, save_dir
 
 
+def _grad_norms(stdout):
+    records = iteration_records(stdout).items()
+    return {iteration: float(re.search(r"grad norm: (\S+) \|", line).group(1)) for iteration, line in records}
+
+
 def test_context_parallel_losses_equal_single_rank(single_rank_run, context_parallel_save):
     losses = lm_losses(context_parallel_save[0])
     assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
     _assert_losses_close(losses, lm_losses(single_rank_run))
+    expected_norms = _grad_norms(single_rank_run)
+    for iteration, norm in _grad_norms(context_parallel_save[0]).items():  # logged with 3 decimals
+        assert norm == pytest.approx(expected_norms[iteration], abs=1e-3), iteration
 
 
 def test_context_parallel_with_pipeline_parallel_equals_single_rank(data_path, single_rank_run):
