@@ -1,10 +1,13 @@
 """Models under context parallelism (2 gloo ranks): a GPT model with rotary embeddings (one CP algorithm per
 layer) and an MLA block with YaRN, each fed this rank's load-balanced chunks, give the rows of the one-rank
-output at those positions, and their weight gradients summed over the CP ranks equal the one-rank ones."""
+output at those positions, and their weight gradients summed over the CP ranks equal the one-rank ones.
+Generation with a key/value cache is refused under CP."""
 
+import pytest
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.inference_params import InferenceParams
 from megatron.core.transformer.context_parallel_attention import CP_COMM_TYPES, load_balanced_indices
 from tests.unit_tests.core.models.test_gpt_model import VOCAB, make_model, tokens
 from tests.unit_tests.core.transformer.mla_helpers import BATCH, HIDDEN, mla_attention, mla_config
@@ -53,6 +56,8 @@ def _check_gpt(local):
     (losses * weights[:, local]).sum().backward()
     torch.testing.assert_close(losses, expected[:, local].detach(), atol=1e-5, rtol=1e-5)
     _assert_grads_close(_summed_over_context_parallel(_weight_grads(model)), _weight_grads(reference), "GPT")
+    with pytest.raises(ValueError, match="generation with a key/value cache runs without context parallelism"):
+        model(ids[:, local], positions[:, local], None, inference_params=InferenceParams(2, SEQUENCE))
 
 
 def _check_mla(local, comm_type):
