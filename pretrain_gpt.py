@@ -45,13 +45,19 @@ def get_batch(data_iterator):
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """(sum of masked per-token losses, token count, report): the schedule divides by the count (unless
     --calculate-per-token-loss), and the report's [sum, count] gives the exact token mean over micro batches
-    and data-parallel ranks."""
+    and data-parallel ranks.
+
+    Under context parallelism each rank holds part of every sequence: the count and the report cover the
+    whole sequences (summed over the context-parallel group), and the local sum is multiplied by the
+    context-parallel size because gradients are averaged over data x context parallel ranks."""
     losses = output_tensor.float().reshape(-1)
     loss_mask = loss_mask.reshape(-1).float()
     loss = torch.sum(losses * loss_mask)
-    num_tokens = loss_mask.sum().to(torch.int)
-    report = {"lm loss": torch.cat([loss.detach().view(1), num_tokens.float().view(1)])}
-    return loss, num_tokens, report
+    totals = torch.cat([loss.detach().view(1), loss_mask.sum().view(1)])
+    cp_size = mpu.get_context_parallel_world_size()
+    if cp_size > 1:
+        torch.distributed.all_reduce(totals, group=mpu.get_context_parallel_group())
+    return loss * cp_size, totals[1].to(torch.int), {"lm loss": totals}
 
 
 def forward_step(data_iterator, model):

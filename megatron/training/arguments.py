@@ -211,6 +211,7 @@ def validate_args(args, defaults=None):
     args.rank = int(os.environ.get("RANK", "0"))
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     _check_parallel_layout(args)
+    _validate_context_parallel_args(args)
     _check_batch_sizes(args)
     _check_training_length(args)
     _check_learning_rate(args)
@@ -237,6 +238,7 @@ def _require(condition, message):
 
 
 def _check_parallel_layout(args):
+    _require(args.context_parallel_size >= 1, "--context-parallel-size must be at least 1")
     model_parallel_size = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     _require(
         args.tensor_model_parallel_size >= 1 and args.pipeline_model_parallel_size >= 1,
@@ -248,7 +250,12 @@ def _check_parallel_layout(args):
         f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size {args.pipeline_model_parallel_size}; "
         "launch a multiple of their product processes",
     )
-    args.data_parallel_size = args.world_size // model_parallel_size
+    _require(
+        args.world_size % (model_parallel_size * args.context_parallel_size) == 0,
+        f"world size {args.world_size} is not divisible by tensor x pipeline x --context-parallel-size "
+        f"{model_parallel_size * args.context_parallel_size}; launch a multiple of that many processes",
+    )
+    args.data_parallel_size = args.world_size // (model_parallel_size * args.context_parallel_size)
 
 
 def _check_batch_sizes(args):
@@ -1280,7 +1287,6 @@ def _add_megatron_api_args(parser):
         action="store_true",
         help="Average the loss over all non-padded tokens of the global batch instead of per micro batch.",
     )
-    group.add_argument("--context-parallel-size", type=int, default=1, help="Context-parallel size.")
     group.add_argument("--fp8", default=None, choices=["e4m3", "hybrid"], help="FP8 training format.")
     group.add_argument("--fp8-param-gather", action="store_true", help="Keep FP8 parameters for the gather.")
     group.add_argument(
@@ -1306,7 +1312,6 @@ def _add_megatron_api_args(parser):
 def _validate_megatron_api_args(args):
     """Flags accepted for Megatron's scripts whose features come with later issues: one clear error each."""
     not_yet = {
-        "--context-parallel-size": args.context_parallel_size != 1,
         "--fp8": args.fp8 is not None,
         "--fp8-param-gather": args.fp8_param_gather,
     }
@@ -1436,6 +1441,80 @@ def _validate_moe_args(args):
         args.moe_shared_expert_intermediate_size = shared or None
 
 
+# MindSpeed-LLM's --context-parallel-algo names for the algorithms of --cp-comm-type.
+MINDSPEED_CP_ALGORITHMS = {"megatron_cp_algo": "p2p", "ulysses_cp_algo": "a2a", "kvallgather_cp_algo": "all_gather"}
+
+
+def _add_context_parallel_args(parser):
+    """Context parallelism: every sequence split over --context-parallel-size ranks (Megatron's load-balanced
+    chunks), attention over the group by --cp-comm-type (MindSpeed's --context-parallel-algo as an alias)."""
+    group = parser.add_argument_group(title="context parallel")
+    group.add_argument("--context-parallel-size", type=int, default=1, help="Ranks that split every sequence.")
+    group.add_argument(
+        "--cp-comm-type",
+        nargs="+",
+        default=None,
+        help="Context-parallel attention: p2p (ring, the default), all_gather (keys/values gathered) or a2a "
+        "(Ulysses head exchange); one for all layers or one per layer.",
+    )
+    group.add_argument(
+        "--context-parallel-algo",
+        default=None,
+        help="MindSpeed's name for --cp-comm-type: megatron_cp_algo (p2p), ulysses_cp_algo (a2a), "
+        "kvallgather_cp_algo (all_gather).",
+    )
+    return parser
+
+
+def _validate_context_parallel_args(args):
+    """Context-parallel flags, before any group forms: sets args.cp_comm_type to one name or a per-layer list."""
+    args.cp_comm_type = _single_or_list(_cp_comm_types(args))
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    _require(
+        not args.use_legacy_models,
+        f"--context-parallel-size {cp} needs the mcore stack (the legacy model has no context-parallel "
+        "attention); drop --use-legacy-models",
+    )
+    splits = 2 * cp * (args.tensor_model_parallel_size if args.sequence_parallel else 1)
+    _require(
+        args.seq_length is not None and args.seq_length % splits == 0,
+        f"--seq-length {args.seq_length} is not divisible by 2 x --context-parallel-size"
+        f"{' x --tensor-model-parallel-size (sequence parallel)' if args.sequence_parallel else ''} = {splits}; "
+        "choose a multiple of it",
+    )
+    document_resets = (("--reset-attention-mask", args.reset_attention_mask), ("--reset-position-ids", args.reset_position_ids))
+    for flag, used in document_resets:
+        _require(
+            not used,
+            f"{flag} with --context-parallel-size {cp} is not supported: context-parallel attention is causal over "
+            f"whole sequences; drop {flag}",
+        )
+    _require(
+        args.attention_dropout == 0.0,
+        f"--context-parallel-size {cp}: context-parallel attention has no dropout; set --attention-dropout 0",
+    )
+
+
+def _cp_comm_types(args):
+    """--cp-comm-type, or its MindSpeed alias --context-parallel-algo, as a list of names (default ["p2p"])."""
+    algorithm = args.context_parallel_algo
+    if algorithm is None:
+        return args.cp_comm_type or ["p2p"]
+    _require(
+        algorithm in MINDSPEED_CP_ALGORITHMS,
+        f"--context-parallel-algo {algorithm} is not supported; choose one of {', '.join(MINDSPEED_CP_ALGORITHMS)}",
+    )
+    comm_type = MINDSPEED_CP_ALGORITHMS[algorithm]
+    _require(
+        args.cp_comm_type in (None, [comm_type]),
+        f"--context-parallel-algo {algorithm} means --cp-comm-type {comm_type}, but --cp-comm-type is "
+        f"{' '.join(args.cp_comm_type or [])}; give one of them",
+    )
+    return [comm_type]
+
+
 MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args)
 
 
@@ -1467,4 +1546,5 @@ ARGUMENT_GROUPS = [
     _add_pipeline_args,
     _add_megatron_api_args,
     _add_moe_args,
+    _add_context_parallel_args,
 ]

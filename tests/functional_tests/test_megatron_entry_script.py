@@ -170,10 +170,15 @@ def data_and_script(tmp_path_factory):
     return gpt2_dataset(directory), script
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_megatron_style_script_logs_our_losses(data_and_script, nproc):
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [(1, []), (2, []), (2, ["--context-parallel-size", 2, "--attention-dropout", 0])],
+    ids=["one-rank", "data-parallel", "context-parallel"],
+)
+def test_megatron_style_script_logs_our_losses(data_and_script, nproc, layout):
+    """Under context parallelism Megatron's loss_func sums the loss and tokens over the CP group itself."""
     data_path, script = data_and_script
-    flags = training_flags(data_path, "mcore", "--train-iters", 10)
+    flags = training_flags(data_path, "mcore", "--train-iters", 10, *layout)
     ours = run_pretrain(flags, nproc=nproc)
     theirs = run_pretrain(flags, nproc=nproc, script=script)
     assert ours.returncode == 0, ours.stderr[-3000:]

@@ -27,8 +27,9 @@ def _expert_data_parallel_group() -> Optional[dist.ProcessGroup]:
 class DistributedDataParallel(torch.nn.Module):
     """Wraps `module`; its trainable parameters get `main_grad` views into per-dtype gradient buffers.
 
-    The data-parallel group defaults to parallel_state's (no group at all before it is initialised: one
-    replica, nothing to reduce).
+    The data-parallel group defaults to parallel_state's data x context parallel ranks (context-parallel ranks
+    hold the same weights and each a part of every sequence's gradient); no group at all before it is
+    initialised: one replica, nothing to reduce.
 
     A post-accumulate hook moves each fresh `.grad` into `main_grad` (so `.grad` stays None), and with
     `overlap_grad_reduce` starts a bucket's all-reduce as soon as the bucket is complete on the last micro
@@ -49,7 +50,9 @@ class DistributedDataParallel(torch.nn.Module):
         self.ddp_config = ddp_config
         self.module = module
         if data_parallel_group is None:
-            data_parallel_group = parallel_state.get_data_parallel_group(check_initialized=False)
+            data_parallel_group = parallel_state.get_data_parallel_group(
+                with_context_parallel=True, check_initialized=False
+            )
         self.data_parallel_group = data_parallel_group
         self.data_parallel_world_size = dist.get_world_size(data_parallel_group) if data_parallel_group else 1
         bucket_size = ddp_config.bucket_size

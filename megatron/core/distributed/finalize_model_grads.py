@@ -59,8 +59,8 @@ def _allreduce_sequence_parallel_grads(model: List[torch.nn.Module]) -> None:
 
 
 def _scale_by_token_count(model: List[torch.nn.Module], num_tokens: torch.Tensor) -> None:
-    """Divide the summed gradients by the step's non-padded tokens over all data-parallel ranks (the last
-    pipeline stage counted them; it tells the other stages)."""
+    """Divide the summed gradients by the step's non-padded tokens over all data x context parallel ranks (the
+    last pipeline stage counted them; it tells the other stages)."""
     num_tokens = num_tokens.to(torch.int64)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
@@ -68,7 +68,7 @@ def _scale_by_token_count(model: List[torch.nn.Module], num_tokens: torch.Tensor
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    data_parallel_group = parallel_state.get_data_parallel_group(check_initialized=False)
+    data_parallel_group = parallel_state.get_data_parallel_group(with_context_parallel=True, check_initialized=False)
     if data_parallel_group is not None:
         torch.distributed.all_reduce(num_tokens, group=data_parallel_group)
     if num_tokens.item() > 0:

@@ -97,7 +97,7 @@ def get_megatron_optimizer(
             param_groups,
             lambda shard_groups: _build_torch_optimizer(config, shard_groups),
             _grad_scaler(config),
-            parallel_state.get_data_parallel_group(check_initialized=False),
+            parallel_state.get_data_parallel_group(with_context_parallel=True, check_initialized=False),
             # Each rank holds distinct gradient shards, so the global norm sums over every rank.
             torch.distributed.group.WORLD if torch.distributed.is_initialized() else None,
         )

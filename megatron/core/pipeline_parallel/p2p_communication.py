@@ -17,9 +17,11 @@ _GRADIENT_TAG = 2
 
 
 def pipeline_tensor_shape(config, seq_length: int, micro_batch_size: int) -> Tuple[int, int, int]:
-    """[s, b, h] of the hidden states passed between stages (s divided by TP under sequence parallelism)."""
+    """[s, b, h] of the hidden states passed between stages (s divided by CP, and by TP under sequence
+    parallelism)."""
     if seq_length is None or micro_batch_size is None:
         raise ValueError("pipeline schedules need seq_length and micro_batch_size to shape stage messages")
+    seq_length //= parallel_state.get_context_parallel_world_size()
     if config.sequence_parallel:
         seq_length //= parallel_state.get_tensor_model_parallel_world_size()
     return (seq_length, micro_batch_size, config.hidden_size)

@@ -51,13 +51,15 @@ def get_forward_backward_func() -> Callable:
 
 def _set_moe_aux_loss_scale(config, num_microbatches: int) -> None:
     """MoE aux losses join the backward through MoEAuxLossAutoScaler: give them the main loss's scale (loss
-    scale / micro batches), on every pipeline stage, as Megatron does."""
+    scale / micro batches), on every pipeline stage, as Megatron does. Times the context-parallel size: like the
+    main loss's gradients, theirs are averaged over the context-parallel ranks that each hold part of the tokens."""
     if getattr(config, "num_moe_experts", None) is None:
         return
     grad_scale_func = getattr(config, "grad_scale_func", None)
     one = torch.tensor(1.0)  # 0-dim: it multiplies aux-loss gradients on any device
     loss_scale = grad_scale_func(one) if grad_scale_func is not None else one
-    MoEAuxLossAutoScaler.set_loss_scale(loss_scale / num_microbatches)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp_size / num_microbatches)
 
 
 def forward_step(

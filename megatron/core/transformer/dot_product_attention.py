@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.context_parallel_attention import context_parallel_attention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -41,6 +42,10 @@ class DotProductAttention(MegatronModule):
 
     `attention_mask` (bool, True = masked out, broadcastable to [b, 1, sq, sk]) is used when given;
     otherwise the mask is causal, aligned so the last query sees every key (as when decoding with a cache).
+
+    With context parallelism the inputs hold this rank's load-balanced chunks of the sequence and the
+    attention runs over the context-parallel group (`config.cp_comm_type`); the mask is then the causal one
+    (training flags that would change it are refused), so `attention_mask` is not read.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class DotProductAttention(MegatronModule):
         self.num_groups_per_partition = divide(config.num_query_groups, world_size)
 
     def forward(self, query, key, value, attention_mask: Optional[torch.Tensor] = None):
+        if parallel_state.get_context_parallel_world_size() > 1:
+            return self._context_parallel_forward(query, key, value)
         query_length, key_length = query.size(0), key.size(0)
         # [s, b, n, d] -> [b, n, s, d]
         query, key, value = (tensor.permute(1, 2, 0, 3) for tensor in (query, key, value))
@@ -69,9 +76,7 @@ class DotProductAttention(MegatronModule):
 
         mask, is_causal = self._mask(attention_mask, query_length, key_length, query.device)
         output_dtype = query.dtype
-        if self.config.attention_softmax_in_fp32 and query.device.type == "cpu" and output_dtype != torch.float32:
-            # GPU kernels accumulate the softmax in fp32 already; the CPU kernels follow the input dtype.
-            query, key, value = query.float(), key.float(), value.float()
+        query, key, value = self._softmax_precision(query, key, value)
 
         dropout = self.config.attention_dropout if self.training else 0.0
         # Heads are split over tensor-parallel ranks, so their dropout masks must differ between ranks;
@@ -85,6 +90,27 @@ class DotProductAttention(MegatronModule):
         # [b, n, sq, d] -> [sq, b, n * d]
         context = context.to(output_dtype).permute(2, 0, 1, 3)
         return context.reshape(query_length, context.size(1), -1)
+
+    def _softmax_precision(self, query, key, value):
+        """q, k, v in fp32 for an fp32 softmax on the CPU: GPU kernels accumulate in fp32 already, the CPU
+        kernels follow the input dtype."""
+        if self.config.attention_softmax_in_fp32 and query.device.type == "cpu" and query.dtype != torch.float32:
+            return query.float(), key.float(), value.float()
+        return query, key, value
+
+    def _context_parallel_forward(self, query, key, value) -> torch.Tensor:
+        """Causal attention of this rank's chunks against the whole sequence: [s/cp, b, heads * d_v]."""
+        output_dtype = query.dtype
+        query, key, value = self._softmax_precision(query, key, value)
+        context = context_parallel_attention(
+            query,
+            key,
+            value,
+            parallel_state.get_context_parallel_group(),
+            self.config.cp_comm_type_of_layer(self.layer_number),
+            self.softmax_scale,
+        )
+        return context.to(output_dtype).flatten(2)
 
     def _mask(self, attention_mask, query_length: int, key_length: int, device):
         """(boolean keep-mask or None, is_causal) for scaled_dot_product_attention."""

@@ -19,7 +19,11 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.inference_params import InferenceParams
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding, apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+    RotaryEmbedding,
+    apply_rotary_pos_emb,
+    rotary_angles_on_this_cp_rank,
+)
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding, yarn_softmax_scale
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -212,9 +216,14 @@ class MLASelfAttention(MegatronModule):
         return gather_from_tensor_model_parallel_region(latent)
 
     def _rotary_angles(self, length: int, offset: int) -> Tuple[torch.Tensor, float]:
+        """(angles of this rank's `length` positions, YaRN's mscale); under context parallelism the table
+        covers the whole sequence and keeps the rows of this rank's chunks."""
+        length *= parallel_state.get_context_parallel_world_size()
         if isinstance(self.rotary_pos_emb, YarnRotaryEmbedding):
-            return self.rotary_pos_emb(length, offset)
-        return self.rotary_pos_emb(length, offset), 1.0
+            freqs, mscale = self.rotary_pos_emb(length, offset)
+        else:
+            freqs, mscale = self.rotary_pos_emb(length, offset), 1.0
+        return rotary_angles_on_this_cp_rank(freqs), mscale
 
     def _rotate(self, tensor: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
         return apply_rotary_pos_emb(tensor, freqs, self.config, mscale=mscale, mla_rotary_interleaved=True)

@@ -6,6 +6,7 @@ from typing import Callable, List, Optional, Union
 import torch.nn.functional as F
 
 from megatron.core.model_parallel_config import ConfigError, ModelParallelConfig
+from megatron.core.transformer.context_parallel_attention import CP_COMM_TYPES
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.pipeline_layout import layer_offset_and_count
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
@@ -63,6 +64,10 @@ class TransformerConfig(ModelParallelConfig):
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
 
+    cp_comm_type: Union[str, List[str], None] = None
+    """Context-parallel attention algorithm ("p2p", "all_gather" or "a2a"): one for every layer or a list with
+    one per layer; None means "p2p"."""
+
     calculate_per_token_loss: bool = False
     """The loss is a sum over tokens: schedules do not divide it; gradients are divided by the step's tokens."""
 
@@ -111,6 +116,7 @@ class TransformerConfig(ModelParallelConfig):
         self._check_pipeline_split()
         self._check_recompute()
         self._check_moe()
+        self._check_context_parallel()
         if self.init_method is None:
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:
@@ -176,6 +182,31 @@ class TransformerConfig(ModelParallelConfig):
             raise ConfigError(f"attention_backend must be an AttnBackend, got {self.attention_backend!r}")
         if self.bias_activation_fusion and self.activation_func is F.gelu and not self.add_bias_linear:
             raise ConfigError("bias_activation_fusion with GeLU fuses the MLP bias and needs add_bias_linear")
+
+    def _check_context_parallel(self):
+        comm_types = self.cp_comm_type if isinstance(self.cp_comm_type, list) else [self.cp_comm_type or "p2p"]
+        unknown = [name for name in comm_types if name not in CP_COMM_TYPES]
+        if unknown:
+            raise ConfigError(
+                f"--cp-comm-type {unknown[0]!r} is not supported; choose one of {', '.join(CP_COMM_TYPES)}"
+            )
+        if isinstance(self.cp_comm_type, list) and len(comm_types) != self.num_layers:
+            raise ConfigError(
+                f"--cp-comm-type lists {len(comm_types)} types for {self.num_layers} layers; give one for all layers "
+                "or one per layer"
+            )
+        cp = self.context_parallel_size
+        if "a2a" in comm_types and (self.num_attention_heads // self.tensor_model_parallel_size) % cp:
+            raise ConfigError(
+                f"--cp-comm-type a2a splits the {self.num_attention_heads // self.tensor_model_parallel_size} "
+                f"attention heads of a tensor-parallel rank over --context-parallel-size {cp}, which must divide them"
+            )
+
+    def cp_comm_type_of_layer(self, layer_number: int) -> str:
+        """The context-parallel algorithm of layer `layer_number` (1-based, as Megatron numbers layers)."""
+        if isinstance(self.cp_comm_type, list):
+            return self.cp_comm_type[layer_number - 1]
+        return self.cp_comm_type or "p2p"
 
     def _check_pipeline_split(self):
         """Each pipeline stage (and virtual chunk) must receive a whole number of layers."""

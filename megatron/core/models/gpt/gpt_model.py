@@ -7,7 +7,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.inference_params import InferenceParams
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+    RotaryEmbedding,
+    rotary_angles_on_this_cp_rank,
+)
 from megatron.core.models.common.language_module.language_module import (
     LanguageModule,
     output_logits_or_loss,
@@ -34,10 +37,10 @@ def rotary_sequence_length(
     config: TransformerConfig, hidden_states: torch.Tensor, inference_params: Optional[InferenceParams]
 ) -> int:
     """Positions the rotary table must cover: the cache length when generating, else the full sequence
-    (the local sequence times the tensor-parallel size when it is sharded)."""
+    (the local sequence times the tensor-parallel size when it is sharded, times the context-parallel size)."""
     if inference_params is not None:
         return inference_params.max_sequence_length
-    length = hidden_states.size(0)
+    length = hidden_states.size(0) * parallel_state.get_context_parallel_world_size()
     if config.sequence_parallel:
         length *= parallel_state.get_tensor_model_parallel_world_size()
     return length
@@ -130,6 +133,8 @@ class GPTModel(LanguageModule):
         labels: Optional[torch.Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
     ) -> torch.Tensor:
+        if inference_params is not None and parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("generation with a key/value cache runs without context parallelism")
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids, position_ids)
 
@@ -137,6 +142,7 @@ class GPTModel(LanguageModule):
         if self.position_embedding_type == "rope":
             reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
             rotary_pos_emb = self.rotary_pos_emb(rotary_sequence_length(self.config, reference, inference_params))
+            rotary_pos_emb = rotary_angles_on_this_cp_rank(rotary_pos_emb)
 
         hidden_states = self.decoder(decoder_input, attention_mask, inference_params, rotary_pos_emb)
         if not self.post_process:

@@ -6,7 +6,9 @@ from typing import Optional
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import default_device
+from megatron.core.transformer.context_parallel_attention import load_balanced_indices
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -80,6 +82,16 @@ class RotaryEmbedding(torch.nn.Module):
         else:
             emb = torch.cat((freqs, freqs), dim=-1)
         return emb[:, None, None, :]
+
+
+def rotary_angles_on_this_cp_rank(freqs: torch.Tensor) -> torch.Tensor:
+    """The rows of a whole-sequence table ([s, ...]) at the global positions of this context-parallel rank's
+    tokens (its load-balanced chunks, in local order), so that every token rotates by its own position."""
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size == 1:
+        return freqs
+    positions = load_balanced_indices(freqs.size(0), parallel_state.get_context_parallel_rank(), cp_size, freqs.device)
+    return freqs.index_select(0, positions)
 
 
 def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
