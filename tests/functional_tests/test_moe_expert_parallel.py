@@ -113,8 +113,10 @@ TENSOR_PARALLEL = ["--tensor-model-parallel-size", 2, "--sequence-parallel", "--
         ([*TENSOR_PARALLEL, "--expert-tensor-parallel-size", 1], 2),
         # EP=2 x TP=2 (ETP=2 by default): each expert split over two ranks, tokens gathered to both slices.
         ([*TENSOR_PARALLEL, "--expert-model-parallel-size", 2, "--moe-token-dispatcher-type", "alltoall"], 4),
+        # Experts folded over the context-parallel ranks (EP larger than DP).
+        (["--context-parallel-size", 2, "--expert-model-parallel-size", 2, "--moe-token-dispatcher-type", "alltoall"], 2),
     ],
-    ids=["ep2-distopt-allgather", "pp2-dense-and-moe-stages", "tp2-etp1", "ep2-tp2-alltoall"],
+    ids=["ep2-distopt-allgather", "pp2-dense-and-moe-stages", "tp2-etp1", "ep2-tp2-alltoall", "cp2-ep2"],
 )
 def test_other_layouts_match_the_single_process_run(data_path, single_process, extra, nproc):
     _assert_close(_train(_flags(data_path, *extra), nproc=nproc), single_process[0])
