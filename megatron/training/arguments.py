@@ -1381,6 +1381,7 @@ def _add_moe_args(parser):
     )
     add("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0], help="Aux-loss coefficients.")
     add("--moe-z-loss-coeff", type=float, default=None, help="Router z-loss coefficient.")
+    add("--moe-input-jitter-eps", type=float, default=None, help="Router input noise: uniform in [1-eps, 1+eps].")
     add("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather", help="Dispatcher.")
     add("--moe-grouped-gemm", action="store_true", help="All local experts in one grouped GEMM.")
     add("--moe-expert-capacity-factor", type=float, default=None, help="Capacity per expert (None: dropless).")

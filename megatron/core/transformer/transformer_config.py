@@ -95,6 +95,7 @@ class TransformerConfig(ModelParallelConfig):
     moe_router_load_balancing_type: Union[str, List[str]] = "aux_loss"
     moe_aux_loss_coeff: Union[float, List[float]] = 0.0
     moe_z_loss_coeff: Optional[float] = None
+    moe_input_jitter_eps: Optional[float] = None
     moe_router_enable_expert_bias: bool = False
     moe_router_force_load_balancing: bool = False
     """Benchmarks only: route on random logits (about uniform load); gradients pass straight through."""
@@ -271,6 +272,9 @@ class TransformerConfig(ModelParallelConfig):
         self._check_moe_load_balancing()
         _check_choice("--moe-token-dispatcher-type", self.moe_token_dispatcher_type, MOE_DISPATCHERS)
         _check_choice("--moe-token-drop-policy", self.moe_token_drop_policy, MOE_DROP_POLICIES)
+        jitter = self.moe_input_jitter_eps
+        if jitter is not None and not 0 < jitter < 1:
+            raise ConfigError(f"--moe-input-jitter-eps must lie in (0, 1), got {jitter}")
         capacity_factor = self.moe_expert_capacity_factor
         if capacity_factor is not None and capacity_factor <= 0:
             raise ConfigError(f"--moe-expert-capacity-factor must be positive, got {capacity_factor}")

@@ -35,6 +35,7 @@ def test_megatron_flags_become_config_fields():
         "--moe-z-loss-coeff", "1e-3", "--moe-token-dispatcher-type", "alltoall", "--moe-grouped-gemm",
         "--moe-shared-expert-intermediate-size", "32", "--moe-expert-capacity-factor", "1.5",
         "--moe-token-drop-policy", "position", "--moe-layer-freq", "2", "--moe-router-force-load-balancing",
+        "--moe-input-jitter-eps", "0.01",
     )
     config = core_transformer_config_from_args(args)
     assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 16)
@@ -45,7 +46,7 @@ def test_megatron_flags_become_config_fields():
     assert (config.moe_token_dispatcher_type, config.moe_grouped_gemm, config.moe_layer_freq) == ("alltoall", True, 2)
     assert (config.moe_shared_expert_intermediate_size, config.moe_expert_capacity_factor) == (32, 1.5)
     assert (config.moe_router_bias_update_rate, config.moe_token_drop_policy, config.moe_router_dtype) == (1e-2, "position", "fp32")
-    assert config.moe_router_force_load_balancing
+    assert config.moe_router_force_load_balancing and config.moe_input_jitter_eps == 0.01
     single = core_transformer_config_from_args(validated(*MOE, "--moe-aux-loss-coeff", "1e-2"))
     assert (single.moe_router_load_balancing_type, single.moe_aux_loss_coeff) == ("aux_loss", 1e-2)
 

@@ -89,9 +89,17 @@ class TopKRouter(MegatronModule):
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
+    def apply_input_jitter(self, input: torch.Tensor) -> torch.Tensor:
+        """--moe-input-jitter-eps: in training, scale each input element by a uniform draw from [1 - eps, 1 + eps]."""
+        eps = self.config.moe_input_jitter_eps
+        if eps is None or not self.training:
+            return input
+        noise = torch.empty_like(input).uniform_(1.0 - eps, 1.0 + eps)
+        return input * noise
+
     def forward(self, input: torch.Tensor):
         self._keep_expert_bias_fp32()
-        logits = self.gating(input)
+        logits = self.gating(self.apply_input_jitter(input))
         if self.config.moe_router_force_load_balancing:
             logits = apply_random_logits(logits)
         return self.routing(logits)

@@ -57,6 +57,10 @@ def test_moe_defaults():
         (dict(num_moe_experts=8, moe_shared_expert_gate=True),
          "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"),
         (dict(num_moe_experts=8, moe_ffn_hidden_size=0), "--moe-ffn-hidden-size must be positive"),
+        (dict(num_moe_experts=8, moe_input_jitter_eps=1.5), "--moe-input-jitter-eps must lie in (0, 1), got 1.5"),
+        (dict(num_moe_experts=8, expert_tensor_parallel_size=2), "splits experts without biases: add --disable-bias-linear"),
+        (dict(num_moe_experts=8, expert_tensor_parallel_size=3, add_bias_linear=False, moe_ffn_hidden_size=8),
+         "--moe-ffn-hidden-size 8 is not divisible by --expert-tensor-parallel-size 3"),
     ],
 )
 def test_bad_moe_fields_raise_one_line(fields, message):

@@ -257,3 +257,18 @@ def test_global_aux_loss_counts_tokens_over_the_global_batch():
     assert router.ga_steps.item() == 2
     router.reset_global_aux_loss_tracker()
     assert router.ga_steps.item() == 0 and not router.global_tokens_per_expert.any()
+
+
+def test_input_jitter_scales_the_router_input_in_training_only():
+    """--moe-input-jitter-eps: the router sees x * U(1 - eps, 1 + eps) while training; evaluation is exact."""
+    router = moe_layer(moe_config(moe_input_jitter_eps=0.1)).router
+    seen = []
+    router.gating = lambda input: seen.append(input) or torch.zeros(input.shape[:-1] + (4,))
+    hidden = torch.randn(6, 2, 16)
+    router.train()
+    router(hidden)
+    ratio = seen[-1] / hidden
+    assert not torch.equal(seen[-1], hidden) and ratio.min() >= 0.9 - 1e-6 and ratio.max() <= 1.1 + 1e-6
+    router.eval()
+    router(hidden)
+    assert torch.equal(seen[-1], hidden)
