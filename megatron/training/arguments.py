@@ -220,6 +220,7 @@ def validate_args(args, defaults=None):
     _check_device(args)
     _check_logging(args)
     _validate_moe_args(args)
+    validate_mla_args(args)
     validate_model_args(args)
     _validate_data_args(args)
     _validate_data_parallel_args(args)
@@ -1425,7 +1426,41 @@ def _validate_moe_args(args):
         args.moe_shared_expert_intermediate_size = shared or None
 
 
-MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args)
+def add_mla_args(parser):
+    """Multi-latent attention (DeepSeek-V2/V3) and its YaRN RoPE: Megatron-LM's flags, which become
+    MLATransformerConfig's fields; --original-max-position-embeddings, --beta-fast and --beta-slow (fixed
+    at DeepSeek-V3's values in Megatron) are MindSpeed's settings of the YaRN ramp."""
+    group = parser.add_argument_group(title="multi-latent attention")
+    add = group.add_argument
+    add("--multi-latent-attention", action="store_true", help="Multi-latent attention (DeepSeek-V2/V3).")
+    add("--q-lora-rank", type=int, default=None, help="Width of the query latent (None: no query compression).")
+    add("--kv-lora-rank", type=int, default=32, help="Width of the key/value latent.")
+    add("--qk-head-dim", type=int, default=128, help="Query/key channels per head without position (no RoPE).")
+    add("--qk-pos-emb-head-dim", type=int, default=64, help="Rotated query/key channels per head.")
+    add("--v-head-dim", type=int, default=128, help="Value channels per head.")
+    add("--rope-type", choices=["rope", "yarn"], default=None, help="MLA's RoPE (default yarn).")
+    add("--rotary-scaling-factor", type=float, default=1.0, help="YaRN context stretch factor.")
+    add("--mscale", type=float, default=1.0, help="YaRN mscale of cos and sin.")
+    add("--mscale-all-dim", type=float, default=0.0, help="YaRN mscale_all_dim (also scales the softmax).")
+    add("--original-max-position-embeddings", type=int, default=4096, help="YaRN: the context before stretching.")
+    add("--beta-fast", type=float, default=32.0, help="YaRN: rotations above which channels keep their frequency.")
+    add("--beta-slow", type=float, default=1.0, help="YaRN: rotations below which channels are fully interpolated.")
+    return parser
+
+
+def validate_mla_args(args):
+    """Flag-only MLA rules; the shapes and RoPE rules live in MLATransformerConfig."""
+    if not args.multi_latent_attention:
+        _require(args.rope_type is None, "--rope-type sets multi-latent attention's RoPE; add --multi-latent-attention or drop it")
+        return
+    _require(not args.use_legacy_models, "--multi-latent-attention needs the mcore stack; drop --use-legacy-models")
+    _require(
+        not args.group_query_attention,
+        "--multi-latent-attention and --group-query-attention are mutually exclusive; drop one",
+    )
+
+
+MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args, add_mla_args)
 
 
 def model_flag_parser(*extra_groups) -> argparse.ArgumentParser:
@@ -1456,4 +1491,5 @@ ARGUMENT_GROUPS = [
     _add_pipeline_args,
     _add_megatron_api_args,
     _add_moe_args,
+    add_mla_args,
 ]

@@ -87,7 +87,9 @@ class GPTModel(LanguageModule):
         if pre_process:
             with layout_independent_init(config, 0):
                 self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
-        if position_embedding_type == "rope":
+        # Multi-latent attention rotates its own position channels with its own (YaRN) table.
+        self.shares_rotary_table = position_embedding_type == "rope" and not config.multi_latent_attention
+        if self.shares_rotary_table:
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
                 rotary_percent=rotary_percent,
@@ -134,7 +136,7 @@ class GPTModel(LanguageModule):
             decoder_input = self.embedding(input_ids, position_ids)
 
         rotary_pos_emb = None
-        if self.position_embedding_type == "rope":
+        if self.shares_rotary_table:
             reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
             rotary_pos_emb = self.rotary_pos_emb(rotary_sequence_length(self.config, reference, inference_params))
 
