@@ -221,6 +221,7 @@ def validate_args(args, defaults=None):
     _check_logging(args)
     _validate_moe_args(args)
     validate_mla_args(args)
+    validate_mtp_args(args)
     validate_model_args(args)
     _validate_data_args(args)
     _validate_data_parallel_args(args)
@@ -1460,7 +1461,33 @@ def validate_mla_args(args):
     )
 
 
-MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args, add_mla_args)
+def add_mtp_args(parser):
+    """Multi-token prediction (DeepSeek-V3), Megatron-LM's flags; TransformerConfig's mtp_* fields."""
+    group = parser.add_argument_group(title="multi-token prediction")
+    group.add_argument("--mtp-num-layers", type=int, default=None, help="Multi-token prediction depths (None: off).")
+    group.add_argument(
+        "--mtp-loss-scaling-factor", type=float, default=0.1, help="Weight of the depths' mean loss in the gradient."
+    )
+    return parser
+
+
+def validate_mtp_args(args):
+    """Layouts multi-token prediction does not run in yet: one line each."""
+    if args.mtp_num_layers is None:
+        return
+    unsupported = {
+        "--use-legacy-models": args.use_legacy_models,
+        "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
+        "--context-parallel-size > 1": args.context_parallel_size > 1,
+        "--calculate-per-token-loss": args.calculate_per_token_loss,
+    }
+    for setting, used in unsupported.items():
+        _require(not used, f"--mtp-num-layers does not run with {setting} yet; drop one of them")
+
+
+MODEL_FLAG_GROUPS = (
+    add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args, add_mla_args, add_mtp_args,
+)
 
 
 def model_flag_parser(*extra_groups) -> argparse.ArgumentParser:
@@ -1492,4 +1519,5 @@ ARGUMENT_GROUPS = [
     _add_megatron_api_args,
     _add_moe_args,
     add_mla_args,
+    add_mtp_args,
 ]

@@ -159,6 +159,7 @@ MODEL_SHAPING_ARGS = (
     "qk_head_dim",
     "qk_pos_emb_head_dim",
     "v_head_dim",
+    "mtp_num_layers",
 )
 # Flags that change what the weights compute but not their shapes: a resumed run must agree with the
 # checkpoint unless --override-checkpoint-args; --use-checkpoint-args takes them too.

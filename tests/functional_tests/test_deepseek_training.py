@@ -1,6 +1,6 @@
 """A tiny DeepSeek-V3-style model trained from pretrain_gpt.py's flags alone: multi-latent attention with YaRN,
 a dense first layer, then MoE layers with sigmoid routing, expert bias, group-limited top-k, a scaling factor,
-a shared expert and the sequence aux loss. Two gloo ranks at EP=2 log the single-process losses; a run resumed
+a shared expert and the sequence aux loss, plus one multi-token prediction depth. Two gloo ranks at EP=2 log the single-process losses; a run resumed
 from the EP=2 checkpoint logs exactly what the uninterrupted run logged."""
 
 import re
@@ -25,9 +25,10 @@ DEEPSEEK_TINY = [
     "--first-k-dense-replace", 1, "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
     "--moe-router-bias-update-rate", 1e-2, "--moe-router-num-groups", 2, "--moe-router-group-topk", 1,
     "--moe-router-topk-scaling-factor", 2.5, "--moe-router-load-balancing-type", "seq_aux_loss",
-    "--moe-aux-loss-coeff", 1e-3, "--use-cpu-initialization", "--attention-dropout", 0, "--hidden-dropout", 0,
+    "--moe-aux-loss-coeff", 1e-3, "--mtp-num-layers", 1, "--mtp-loss-scaling-factor", 0.3,
+    "--use-cpu-initialization", "--attention-dropout", 0, "--hidden-dropout", 0,
 ]
-LOGGED = ("lm loss", "seq_load_balancing_loss", "grad norm")
+LOGGED = ("lm loss", "mtp_1 loss", "seq_load_balancing_loss", "grad norm")
 EXPERT_PARALLEL = ["--expert-model-parallel-size", 2, "--moe-token-dispatcher-type", "alltoall"]
 
 
@@ -65,11 +66,14 @@ def test_expert_parallel_matches_the_single_process_run(data_path, expert_parall
             absolute = 1e-3 if name == "grad norm" else 0  # logged with three decimals
             assert value == pytest.approx(reference[iteration][name], rel=1e-5, abs=absolute), (iteration, name)
     assert reference[TRAIN_ITERS]["lm loss"] < reference[1]["lm loss"]
+    assert reference[TRAIN_ITERS]["mtp_1 loss"] < reference[1]["mtp_1 loss"]
     path = get_checkpoint_name(str(save_dir), 3, False, False, 0, 0, True, 1)
     state = torch.load(path, weights_only=False)["model"]
     assert "decoder.layers.0.self_attention.linear_kv_down_proj.weight" in state
     assert "decoder.layers.0.mlp.linear_fc1.weight" in state and "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in state
-    assert torch.count_nonzero(state["decoder.layers.1.mlp.router.expert_bias"]) > 0  # three odd steps of +-rate
+    for router in ("decoder.layers.1.mlp.router", "mtp.layers.0.transformer_layer.mlp.router"):
+        assert torch.count_nonzero(state[f"{router}.expert_bias"]) > 0  # three odd steps of +-rate
+    assert "mtp.layers.0.eh_proj.weight" in state
     assert not any("rotary_pos_emb" in name and "self_attention" not in name for name in state)
 
 

@@ -14,6 +14,7 @@ from megatron.core.models.common.language_module.language_module import (
     single_input_tensor,
 )
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
 from megatron.core.transformer.pipeline_layout import layout_independent_init
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -117,6 +118,14 @@ class GPTModel(LanguageModule):
                     gather_output=False,
                     skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
                 )
+        self.mtp = None
+        if post_process and config.mtp_num_layers:
+            if not pre_process:
+                raise ValueError(
+                    "multi-token prediction embeds tokens on the last pipeline stage, which holds no embedding here; "
+                    "run it with one pipeline stage"
+                )
+            self.mtp = MultiTokenPredictionBlock(config, transformer_layer_spec)
         self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -131,7 +140,10 @@ class GPTModel(LanguageModule):
         decoder_input: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
+        loss_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """`loss_mask` [b, s] weighs the multi-token prediction losses (all tokens when None); they are computed
+        in training with labels, and join the backward without changing the returned main loss."""
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids, position_ids)
 
@@ -145,6 +157,15 @@ class GPTModel(LanguageModule):
             return hidden_states
 
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        return output_logits_or_loss(
-            self.output_layer, hidden_states, output_weight, labels, self.parallel_output, self.fp16_lm_cross_entropy
-        )
+
+        def per_token_loss_or_logits(states, targets):
+            return output_logits_or_loss(
+                self.output_layer, states, output_weight, targets, self.parallel_output, self.fp16_lm_cross_entropy
+            )
+
+        if self.mtp is not None and labels is not None and torch.is_grad_enabled():
+            hidden_states = self.mtp(
+                hidden_states, input_ids, position_ids, labels, loss_mask, self.embedding, per_token_loss_or_logits,
+                attention_mask, rotary_pos_emb,
+            )
+        return per_token_loss_or_logits(hidden_states, labels)

@@ -1,6 +1,6 @@
-"""MLA flags -> validated args -> MLATransformerConfig -> a DeepSeek-style GPT model (MLA, MoE after a dense
-first layer, shared expert): Megatron's names, MLA's own YaRN table in place of GPTModel's, one line for each
-bad combination."""
+"""DeepSeek-V3 flags -> validated args -> MLATransformerConfig -> a DeepSeek-style GPT model (MLA, MoE after a
+dense first layer, shared expert, multi-token prediction): Megatron's names, MLA's own YaRN table in place of
+GPTModel's, one line for each bad combination."""
 
 import pytest
 
@@ -41,7 +41,8 @@ def test_flags_become_an_mla_config():
 
 def test_deepseek_style_model_from_flags():
     args = validated(*MLA, *YARN, *MOE, "--first-k-dense-replace", "1", "--n-shared-experts", "1",
-                     "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias")
+                     "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                     "--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "0.3")
     args.padded_vocab_size = 64
     model = gpt_builder(args)
     assert not hasattr(model, "rotary_pos_emb")  # MLA rotates with its own table
@@ -53,6 +54,9 @@ def test_deepseek_style_model_from_flags():
     assert attention.linear_kv_up_proj.weight.shape == (4 * (8 + 6), 12)
     assert [isinstance(layer.mlp, MoELayer) for layer in layers] == [False, True, True, True]
     assert type(layers[0].mlp) is MLP and layers[1].mlp.shared_experts is not None
+    assert len(model.mtp.layers) == 1 and model.config.mtp_loss_scaling_factor == 0.3
+    prediction_layer = model.mtp.layers[0].transformer_layer
+    assert isinstance(prediction_layer.self_attention, MLASelfAttention) and isinstance(prediction_layer.mlp, MoELayer)
 
 
 @pytest.mark.parametrize(
@@ -64,9 +68,14 @@ def test_deepseek_style_model_from_flags():
         ([*MLA, "--qk-pos-emb-head-dim", "5"], "--qk-pos-emb-head-dim 5"),
         ([*MLA, "--rotary-interleaved"], "--rotary-interleaved does not apply to multi-latent attention"),
         ([*MLA, "--v-head-dim", "0"], "--v-head-dim must be positive"),
+        (["--mtp-num-layers", "0"], "--mtp-num-layers must be at least 1"),
+        (["--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2"],
+         "--mtp-num-layers does not run with --pipeline-model-parallel-size > 1 yet"),
+        (["--mtp-num-layers", "1", "--calculate-per-token-loss"], "--mtp-num-layers does not run with --calculate-per-token-loss"),
     ],
 )
-def test_bad_mla_input_is_one_line(flags, message):
+def test_bad_deepseek_input_is_one_line(flags, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError) as error:
         validated(*flags)
     assert message in str(error.value) and "\n" not in str(error.value)
