@@ -221,7 +221,6 @@ def validate_args(args, defaults=None):
     _check_logging(args)
     _validate_moe_args(args)
     validate_mla_args(args)
-    validate_mtp_args(args)
     validate_model_args(args)
     _validate_data_args(args)
     _validate_data_parallel_args(args)
@@ -1034,6 +1033,7 @@ def validate_model_args(args) -> None:
     building the TransformerConfig (which validates itself, naming the flags)."""
     _check_model_stack(args)
     _derive_model_flag_defaults(args)
+    validate_mtp_args(args)
     try:
         config = core_transformer_config_from_args(args)
     except ConfigError as error:  # reported as a flag error, like the rules here
@@ -1472,17 +1472,17 @@ def add_mtp_args(parser):
 
 
 def validate_mtp_args(args):
-    """Layouts multi-token prediction does not run in yet: one line each."""
+    """Layouts multi-token prediction does not run in yet (training and converted checkpoints): one line each."""
     if args.mtp_num_layers is None:
         return
     unsupported = {
         "--use-legacy-models": args.use_legacy_models,
         "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
-        "--context-parallel-size > 1": args.context_parallel_size > 1,
-        "--calculate-per-token-loss": args.calculate_per_token_loss,
+        "--context-parallel-size > 1": getattr(args, "context_parallel_size", 1) > 1,
+        "--calculate-per-token-loss": getattr(args, "calculate_per_token_loss", False),
     }
     for setting, used in unsupported.items():
-        _require(not used, f"--mtp-num-layers does not run with {setting} yet; drop one of them")
+        _require_model(not used, f"--mtp-num-layers does not run with {setting} yet; drop one of them")
 
 
 MODEL_FLAG_GROUPS = (

@@ -331,6 +331,10 @@ class HFFamily:
 
     table: HFTable
 
+    def config_for_tensors(self, config: dict, names) -> dict:
+        """config.json completed by what the checkpoint's tensor `names` show (nothing, unless a family says)."""
+        return config
+
     def to_mcore(self, hf_state: StateDict, args) -> StateDict:
         return self.table.to_mcore(hf_state, args)
 
@@ -623,6 +627,28 @@ def _mla_rows() -> Tuple[TensorMap, ...]:
     return tuple(rows)
 
 
+class DeepseekV3Table(HFTable):
+    """HFTable plus the multi-token prediction depths: depth k (Megatron mtp.layers.{k}) is Hugging Face layer
+    num_layers + k, its decoder layer (the last decoder layer's kind) under `transformer_layer.`."""
+
+    depth_rows = (
+        TensorMap("enorm.weight", "enorm.weight"),
+        TensorMap("hnorm.weight", "hnorm.weight"),
+        TensorMap("eh_proj.weight", "eh_proj.weight"),
+        TensorMap("final_layernorm.weight", "shared_head.norm.weight"),
+    )
+
+    def entries(self, args):
+        yield from super().entries(args)
+        last = args.num_layers - 1
+        for depth in range(args.mtp_num_layers or 0):
+            megatron, hf = f"mtp.layers.{depth}.", self.hf_layer.format(layer=args.num_layers + depth)
+            for row in self.depth_rows:
+                yield from row.expand(args, megatron, hf, last)
+            for row in self.layer:
+                yield from row.expand(args, megatron + "transformer_layer.", hf, last)
+
+
 def _deepseek_v3_table() -> HFTable:
     """Llama's embedding, norms, dense MLP (first layers) and head; MLA attention; MoE layers with the
     router's expert bias (`e_score_correction_bias`) and the shared experts."""
@@ -635,7 +661,7 @@ def _deepseek_v3_table() -> HFTable:
         TensorMap(shared + "linear_fc1.weight", (shared + "gate_proj.weight", shared + "up_proj.weight"), GateUp(), moe=True),
         TensorMap(shared + "linear_fc2.weight", shared + "down_proj.weight", moe=True),
     )
-    return HFTable(
+    return DeepseekV3Table(
         LLAMA_TABLE.hf_prefix, LLAMA_TABLE.hf_layer, LLAMA_TABLE.head, llama_rows + _mla_rows() + moe_rows,
         LLAMA_TABLE.tail, LLAMA_TABLE.tied_copies, LLAMA_TABLE.ignorable,
     )
@@ -657,8 +683,9 @@ _DEEPSEEK_V3_FIXED = {
 class DeepseekV3Family(HFFamily):
     """DeepseekV3ForCausalLM: MLA (q-LoRA or not, YaRN or plain RoPE, interleaved rotary channels), the first
     `first_k_dense_replace` layers dense, then MoE layers routing as Megatron's sigmoid router with an expert
-    bias, groups, the scaling factor and the shared experts. Multi-token prediction layers (index >=
-    num_hidden_layers) are dropped with a note, as transformers does."""
+    bias, groups, the scaling factor and the shared experts. Multi-token prediction depths are the layers at
+    index num_hidden_layers + k (DeepSeek's layout, which transformers does not load); each also stores copies
+    of the embedding (`embed_tokens`) and the output layer (`shared_head.head`)."""
 
     model_types = ("deepseek_v3",)
     architecture = "DeepseekV3ForCausalLM"
@@ -722,6 +749,8 @@ class DeepseekV3Family(HFFamily):
         ]
         if config.get("q_lora_rank") is not None:
             flags += ["--q-lora-rank", config["q_lora_rank"]]
+        if config.get("num_nextn_predict_layers"):
+            flags += ["--mtp-num-layers", config["num_nextn_predict_layers"]]
         if config.get("n_group", 1) > 1:
             flags += ["--moe-router-num-groups", config["n_group"], "--moe-router-group-topk", config["topk_group"]]
         if not config.get("tie_word_embeddings", False):
@@ -749,8 +778,34 @@ class DeepseekV3Family(HFFamily):
             "--beta-slow", rope.get("beta_slow", 1.0),
         ]
 
+    def config_for_tensors(self, config: dict, names) -> dict:
+        """num_nextn_predict_layers as the checkpoint holds them: transformers saves the field (default 1)
+        without the layers."""
+        layers = config["num_hidden_layers"]
+        present = {int(match.group(1)) for match in map(_LAYER_INDEX.search, names) if match}
+        depths = 0
+        while depths < config.get("num_nextn_predict_layers", 0) and layers + depths in present:
+            depths += 1
+        return {**config, "num_nextn_predict_layers": depths}
+
     def to_mcore(self, hf_state: StateDict, args) -> StateDict:
-        return super().to_mcore(_without_mtp_layers(hf_state, args.num_layers), args)
+        depths = args.mtp_num_layers or 0
+        hf_state = _without_layers_from(hf_state, args.num_layers + depths)
+        for name in self._depth_copies(args):
+            hf_state.pop(name, None)
+        return super().to_mcore(hf_state, args)
+
+    def from_mcore(self, state: StateDict, args) -> StateDict:
+        hf = super().from_mcore(state, args)
+        output = "model.embed_tokens.weight" if not args.untie_embeddings_and_output_weights else "lm_head.weight"
+        for name in self._depth_copies(args):
+            hf[name] = hf["model.embed_tokens.weight" if name.endswith("embed_tokens.weight") else output].clone()
+        return hf
+
+    def _depth_copies(self, args) -> List[str]:
+        """Each depth's copies of the embedding and the output layer (not Megatron tensors of their own)."""
+        layers = [self.table.hf_layer.format(layer=args.num_layers + depth) for depth in range(args.mtp_num_layers or 0)]
+        return [layer + name for layer in layers for name in ("embed_tokens.weight", "shared_head.head.weight")]
 
     def check_args(self, args) -> None:
         wanted = {
@@ -824,25 +879,28 @@ class DeepseekV3Family(HFFamily):
             attention_bias=False,
             attention_dropout=args.attention_dropout,
             tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+            num_nextn_predict_layers=args.mtp_num_layers or 0,
         )
         return _finish_config(config, self.architecture, dtype)
 
 
-def _without_mtp_layers(hf_state: StateDict, num_layers: int) -> StateDict:
-    """The tensors of the decoder layers only: DeepSeek's multi-token prediction layers sit at layer indices
-    num_layers and up, which Megatron cannot load yet (--mtp-num-layers); a note names what is dropped."""
-    layer_index = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _without_layers_from(hf_state: StateDict, first_dropped: int) -> StateDict:
+    """The tensors of layers below `first_dropped`: further multi-token prediction depths than the config
+    names are dropped with a note, as transformers ignores them."""
     kept, dropped = {}, []
     for name, tensor in hf_state.items():
-        match = layer_index.search(name)
-        if match and int(match.group(1)) >= num_layers:
+        match = _LAYER_INDEX.search(name)
+        if match and int(match.group(1)) >= first_dropped:
             dropped.append(name)
         else:
             kept[name] = tensor
     if dropped:
         print(
-            f"note: dropped {len(dropped)} multi-token prediction tensor(s) such as {dropped[0]} (layers past "
-            f"num_hidden_layers {num_layers}; multi-token prediction is not converted yet)",
+            f"note: dropped {len(dropped)} tensor(s) of layers past the decoder and its multi-token prediction "
+            f"depths (num_hidden_layers + num_nextn_predict_layers = {first_dropped}), such as {dropped[0]}",
             file=sys.stderr,
         )
     return kept

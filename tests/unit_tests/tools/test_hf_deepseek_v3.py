@@ -87,14 +87,37 @@ def test_what_megatron_cannot_reproduce_is_one_line(hf_deepseek_v3_dir, changes,
     assert not (tmp_path / "mg").exists()
 
 
-def test_multi_token_prediction_layers_are_dropped_with_a_note(hf_deepseek_v3_dir, convert, tmp_path, capsys):
-    state = load_file(f"{hf_deepseek_v3_dir}/model.safetensors")
-    state["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
-    with_mtp = _with_config(hf_deepseek_v3_dir, tmp_path / "mtp")
-    (with_mtp / "model.safetensors").unlink()
-    save_file(state, str(with_mtp / "model.safetensors"))
-    _to_megatron(convert, with_mtp, tmp_path / "mg")
-    assert "dropped 1 multi-token prediction tensor(s) such as model.layers.2.eh_proj.weight" in capsys.readouterr().err
+def _with_prediction_depth(hf_dir, directory, extra=None):
+    """The tiny model plus one multi-token prediction depth at layer index 2 in DeepSeek's layout (a copy of
+    layer 1 with its own norms and projection, and copies of the embedding and output layer), and `extra`."""
+    state = load_file(f"{hf_dir}/model.safetensors")
+    generator = torch.Generator().manual_seed(2)
+    depth = {name.replace("layers.1.", "layers.2."): tensor + 0.01 for name, tensor in state.items() if ".layers.1." in name}
+    depth["model.layers.2.eh_proj.weight"] = torch.randn(64, 128, generator=generator)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        depth[f"model.layers.2.{name}.weight"] = torch.rand(64, generator=generator) + 0.5
+    depth["model.layers.2.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    depth["model.layers.2.shared_head.head.weight"] = state["lm_head.weight"].clone()
+    directory = _with_config(hf_dir, directory)
+    (directory / "model.safetensors").unlink()
+    save_file({**state, **depth, **(extra or {})}, str(directory / "model.safetensors"))
+    return directory
+
+
+def test_multi_token_prediction_depth_round_trips(hf_deepseek_v3_dir, convert, load_converted, tmp_path, capsys):
+    stray = {"model.layers.3.enorm.weight": torch.ones(64)}  # past num_nextn_predict_layers: dropped
+    with_depth = _with_prediction_depth(hf_deepseek_v3_dir, tmp_path / "src", stray)
+    _to_megatron(convert, with_depth, tmp_path / "mg", "--target-expert-parallel-size", 2)
+    assert "dropped 1 tensor(s) of layers past" in capsys.readouterr().err
+    model, args = load_converted(tmp_path / "mg")
+    assert args.mtp_num_layers == 1
+    projection = load_file(f"{with_depth}/model.safetensors")["model.layers.2.eh_proj.weight"]
+    assert torch.equal(model.mtp.layers[0].eh_proj.weight, projection)
+    convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "deepseek_v3",
+            "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "hf")
+    expected = _with_prediction_depth(hf_deepseek_v3_dir, tmp_path / "expected")
+    assert_same_safetensors(expected, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
 
 
 def test_generate_gives_transformers_greedy_ids(hf_deepseek_v3_dir, convert, tmp_path):

@@ -64,7 +64,7 @@ def test_vocabulary_rows_pad_with_the_last_row_and_crop_back():
 def test_each_table_names_every_tensor_once_both_ways(family):
     args = argparse.Namespace(
         num_layers=2, add_bias_linear=family == "gpt2", qk_layernorm=family == "qwen3",
-        untie_embeddings_and_output_weights=family != "gpt2", q_lora_rank=None,
+        untie_embeddings_and_output_weights=family != "gpt2", q_lora_rank=None, mtp_num_layers=None,
     )
     entries = list(FAMILIES[family].table.entries(args))
     megatron_names = [megatron for megatron, _, _ in entries]
