@@ -3,6 +3,7 @@ dense first layer, shared expert, multi-token prediction): Megatron's names, MLA
 GPTModel's, one line for each bad combination."""
 
 import pytest
+import torch
 
 from gpt_builders import gpt_builder
 from megatron.core.errors import UserError
@@ -88,3 +89,26 @@ def test_legacy_stack_is_refused():
     model = [flag for flag in MODEL if flag != "--use-mcore-models"]
     with pytest.raises(UserError, match="--multi-latent-attention needs the mcore stack"):
         validate_args(parse_args(args_list=[*TRAINING, *model, *MLA, "--use-legacy-models"]))
+
+
+def test_flops_count_multi_latent_attention_and_prediction_depths():
+    """The training log's FLOPs equal torch's count of a forward with labels (prediction depths run), the
+    causal half of the attention matrices taken as Megatron does."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron.training.flops import num_floating_point_operations
+
+    length, heads = 16, 4
+    args = validated(*MLA, *YARN, *MOE, "--first-k-dense-replace", "1", "--mtp-num-layers", "1",
+                     "--attention-dropout", "0", "--hidden-dropout", "0")
+    args.padded_vocab_size, args.seq_length = 64, length
+    model = gpt_builder(args).train()
+    tokens = torch.randint(0, 64, (1, length))
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(tokens, torch.arange(length)[None], None, labels=tokens)
+    counted = counter.get_total_flops() / length
+    attention_layers = args.num_layers + args.mtp_num_layers
+    full_attention = 2 * heads * ((8 + 4) + 6) * length * attention_layers  # QK^T over 8 + 4 channels, PV over 6
+    expected_training = 3 * (counted - full_attention / 2)
+    assert num_floating_point_operations(args, batch_size=2) == pytest.approx(2 * length * expected_training, rel=1e-9)
