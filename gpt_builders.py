@@ -8,6 +8,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.models.gpt.mla_module_specs import get_gpt_mla_layer_local_spec
+from megatron.core.models.gpt.moe_module_specs import get_moe_or_dense_mlp_spec
 from megatron.core.transformer.spec_utils import import_module
 from megatron.legacy.model import GPTModel as LegacyGPTModel
 from megatron.training.arguments import ModelArgumentsError
@@ -42,7 +44,8 @@ def gpt_model_kwargs(args) -> dict:
 
 
 def transformer_layer_spec_from_args(args):
-    """The layer spec: --spec's, else Transformer Engine's (--transformer-impl transformer_engine), else local."""
+    """The layer spec: --spec's, else Transformer Engine's (--transformer-impl transformer_engine), else local
+    (with multi-latent attention under --multi-latent-attention)."""
     if getattr(args, "spec", None) is not None:
         return import_module(args.spec)
     num_experts, moe_grouped_gemm = getattr(args, "num_experts", None), getattr(args, "moe_grouped_gemm", False)
@@ -50,6 +53,9 @@ def transformer_layer_spec_from_args(args):
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts, moe_grouped_gemm, args.qk_layernorm, getattr(args, "fp8", None)
         )
+    if getattr(args, "multi_latent_attention", False):
+        mlp = None if num_experts is None else get_moe_or_dense_mlp_spec(num_experts, moe_grouped_gemm)
+        return get_gpt_mla_layer_local_spec(args.qk_layernorm, mlp=mlp)
     return get_gpt_layer_local_spec(num_experts, moe_grouped_gemm, args.qk_layernorm)
 
 

@@ -68,7 +68,9 @@ def forward_step(data_iterator, model):
         tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
     timers("batch-generator").stop()
     with stimer:
-        output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+        # Multi-token prediction weighs its losses with the loss mask (mcore only).
+        extra = {"loss_mask": loss_mask} if getattr(get_args(), "mtp_num_layers", None) else {}
+        output_tensor = model(tokens, position_ids, attention_mask, labels=labels, **extra)
     return output_tensor, partial(loss_func, loss_mask)
 
 

@@ -221,6 +221,7 @@ def validate_args(args, defaults=None):
     _check_device(args)
     _check_logging(args)
     _validate_moe_args(args)
+    validate_mla_args(args)
     validate_model_args(args)
     _validate_data_args(args)
     _validate_data_parallel_args(args)
@@ -1039,6 +1040,7 @@ def validate_model_args(args) -> None:
     building the TransformerConfig (which validates itself, naming the flags)."""
     _check_model_stack(args)
     _derive_model_flag_defaults(args)
+    validate_mtp_args(args)
     try:
         config = core_transformer_config_from_args(args)
     except ConfigError as error:  # reported as a flag error, like the rules here
@@ -1467,6 +1469,50 @@ def _add_context_parallel_args(parser):
     return parser
 
 
+def add_mla_args(parser):
+    """Multi-latent attention (DeepSeek-V2/V3) and its YaRN RoPE: Megatron-LM's flags, which become
+    MLATransformerConfig's fields; --original-max-position-embeddings, --beta-fast and --beta-slow (fixed
+    at DeepSeek-V3's values in Megatron) are MindSpeed's settings of the YaRN ramp."""
+    group = parser.add_argument_group(title="multi-latent attention")
+    add = group.add_argument
+    add("--multi-latent-attention", action="store_true", help="Multi-latent attention (DeepSeek-V2/V3).")
+    add("--q-lora-rank", type=int, default=None, help="Width of the query latent (None: no query compression).")
+    add("--kv-lora-rank", type=int, default=32, help="Width of the key/value latent.")
+    add("--qk-head-dim", type=int, default=128, help="Query/key channels per head without position (no RoPE).")
+    add("--qk-pos-emb-head-dim", type=int, default=64, help="Rotated query/key channels per head.")
+    add("--v-head-dim", type=int, default=128, help="Value channels per head.")
+    add("--rope-type", choices=["rope", "yarn"], default=None, help="MLA's RoPE (default yarn).")
+    add("--rotary-scaling-factor", type=float, default=1.0, help="YaRN context stretch factor.")
+    add("--mscale", type=float, default=1.0, help="YaRN mscale of cos and sin.")
+    add("--mscale-all-dim", type=float, default=0.0, help="YaRN mscale_all_dim (also scales the softmax).")
+    add("--original-max-position-embeddings", type=int, default=4096, help="YaRN: the context before stretching.")
+    add("--beta-fast", type=float, default=32.0, help="YaRN: rotations above which channels keep their frequency.")
+    add("--beta-slow", type=float, default=1.0, help="YaRN: rotations below which channels are fully interpolated.")
+    return parser
+
+
+def validate_mla_args(args):
+    """Flag-only MLA rules; the shapes and RoPE rules live in MLATransformerConfig."""
+    if not args.multi_latent_attention:
+        _require(args.rope_type is None, "--rope-type sets multi-latent attention's RoPE; add --multi-latent-attention or drop it")
+        return
+    _require(not args.use_legacy_models, "--multi-latent-attention needs the mcore stack; drop --use-legacy-models")
+    _require(
+        not args.group_query_attention,
+        "--multi-latent-attention and --group-query-attention are mutually exclusive; drop one",
+    )
+
+
+def add_mtp_args(parser):
+    """Multi-token prediction (DeepSeek-V3), Megatron-LM's flags; TransformerConfig's mtp_* fields."""
+    group = parser.add_argument_group(title="multi-token prediction")
+    group.add_argument("--mtp-num-layers", type=int, default=None, help="Multi-token prediction depths (None: off).")
+    group.add_argument(
+        "--mtp-loss-scaling-factor", type=float, default=0.1, help="Weight of the depths' mean loss in the gradient."
+    )
+    return parser
+
+
 def _validate_context_parallel_args(args):
     """Context-parallel flags, before any group forms: sets args.cp_comm_type to one name or a per-layer list."""
     args.cp_comm_type = _single_or_list(_cp_comm_types(args))
@@ -1516,7 +1562,23 @@ def _cp_comm_types(args):
     return [comm_type]
 
 
-MODEL_FLAG_GROUPS = (add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args)
+def validate_mtp_args(args):
+    """Layouts multi-token prediction does not run in yet (training and converted checkpoints): one line each."""
+    if args.mtp_num_layers is None:
+        return
+    unsupported = {
+        "--use-legacy-models": args.use_legacy_models,
+        "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
+        "--context-parallel-size > 1": getattr(args, "context_parallel_size", 1) > 1,
+        "--calculate-per-token-loss": getattr(args, "calculate_per_token_loss", False),
+    }
+    for setting, used in unsupported.items():
+        _require_model(not used, f"--mtp-num-layers does not run with {setting} yet; drop one of them")
+
+
+MODEL_FLAG_GROUPS = (
+    add_network_size_args, add_model_regularization_args, add_model_stack_args, _add_moe_args, add_mla_args, add_mtp_args,
+)
 
 
 def model_flag_parser(*extra_groups) -> argparse.ArgumentParser:
@@ -1548,4 +1610,6 @@ ARGUMENT_GROUPS = [
     _add_megatron_api_args,
     _add_moe_args,
     _add_context_parallel_args,
+    add_mla_args,
+    add_mtp_args,
 ]

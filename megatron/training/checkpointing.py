@@ -165,6 +165,13 @@ MODEL_SHAPING_ARGS = (
     "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size",
     "moe_layer_freq",
+    "multi_latent_attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "mtp_num_layers",
 )
 # Flags that change what the weights compute but not their shapes: a resumed run must agree with the
 # checkpoint unless --override-checkpoint-args; --use-checkpoint-args takes them too.
@@ -183,6 +190,13 @@ MODEL_MATHS_ARGS = (
     "rope_scaling_low_freq_factor",
     "rope_scaling_high_freq_factor",
     "rope_scaling_original_max_position_embeddings",
+    "rope_type",
+    "rotary_scaling_factor",
+    "mscale",
+    "mscale_all_dim",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
 )
 # Also taken over by --use-checkpoint-args (where left at their defaults), but free to differ when loading.
 CHECKPOINT_DEFAULT_ARGS = MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS + (

@@ -14,13 +14,18 @@ from megatron.core.datasets.utils import Blend, DatasetError, Split, get_blend_f
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.enums import AttnBackend
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 
 def core_transformer_config_from_args(args, config_class=TransformerConfig) -> TransformerConfig:
     """The TransformerConfig the parsed flags describe: every config field whose flag has the same name, plus
-    the few flags named differently. Without --group-query-attention the config gives one group per head."""
+    the few flags named differently. Without --group-query-attention the config gives one group per head;
+    --multi-latent-attention makes it an MLATransformerConfig (MLA's RoPE is YaRN unless --rope-type says)."""
+    if getattr(args, "multi_latent_attention", False) and config_class is TransformerConfig:
+        config_class = MLATransformerConfig
     kwargs = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_class) if hasattr(args, field.name)}
+    if kwargs.get("rope_type", "") is None:
+        del kwargs["rope_type"]
     if not getattr(args, "group_query_attention", True):
         kwargs["num_query_groups"] = None
     kwargs["layernorm_epsilon"] = args.norm_epsilon

@@ -40,7 +40,7 @@ from megatron.training.global_vars import (
 )
 from megatron.training.initialize import initialize_megatron
 from megatron.training.model_config import ddp_config_from_args, optimizer_config_from_args
-from megatron.training.moe_logging import moe_aux_loss_report
+from megatron.training.moe_logging import moe_aux_loss_report, mtp_loss_report
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.training.training_log import TrainingLogger, build_logging_writers, print_args
 from megatron.training.utils import (
@@ -407,6 +407,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sch
     moe_losses = moe_aux_loss_report(
         model[0].config, get_num_microbatches(), get_tensorboard_writer(), iteration, args.moe_per_layer_logging
     )
+    moe_losses.update(mtp_loss_report(model[0].config, get_num_microbatches()))
     if loss_dict:
         loss_dict.update(moe_losses)
     update_successful, grad_norm, num_zeros_in_grad = optimizer.step()

@@ -78,12 +78,14 @@ def test_tiny_cpu_example_parallel_layouts_train_like_data_parallel(data_dir, tm
         assert lm_losses(run.stdout) == pytest.approx(expected, rel=1e-5), name
 
 
-@pytest.mark.parametrize("model", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("model", ["mixtral", "qwen3_moe", "deepseek3"])
 def test_tiny_moe_example_trains_with_expert_parallelism(data_dir, tmp_path, model):
-    """The MoE examples run at EP=2 over their 2 processes, log the aux loss and save Megatron's EP layout."""
+    """The MoE examples run at EP=2 over their 2 processes, log the aux loss (DeepSeek-V3: and its multi-token
+    prediction loss) and save Megatron's EP layout."""
     run = _run_script(model, "mcore", data_dir, tmp_path, train_iters=3)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = iteration_records(run.stdout)
     assert sorted(records) == [1, 2, 3] and all("load_balancing_loss: " in line for line in records.values())
+    assert all(("mtp_1 loss: " in line) == (model == "deepseek3") for line in records.values())
     iteration = tmp_path / "ckpt" / "iter_0000003"
     assert sorted(path.name for path in iteration.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]

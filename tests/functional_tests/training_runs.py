@@ -51,10 +51,11 @@ def gpt2_dataset(directory) -> str:
     return prefix + "_text_document"
 
 
-def training_flags(data_path, stack="mcore", *extra):
-    """A complete command line for a tiny Llama-style model on the GPT-2-tokenized sample."""
+def training_flags(data_path, stack="mcore", *extra, model=LLAMA_TINY):
+    """A complete command line for a tiny model (Llama-style unless `model` gives other model flags) on the
+    GPT-2-tokenized sample."""
     return [
-        *STACKS[stack], *LLAMA_TINY,
+        *STACKS[stack], *model,
         "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(GPT2_VOCAB), "--merge-file", str(GPT2_MERGES),
         "--data-path", data_path, "--split", "98,1,1",
         "--micro-batch-size", "2", "--global-batch-size", "8",

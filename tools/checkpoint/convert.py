@@ -85,6 +85,7 @@ def _uneven_stage_layers(options):
 def _hf_to_megatron(options) -> None:
     family = family_for(options.model_type_hf)
     config, hf_state = read_hf_directory(options.load_dir)
+    config = family.config_for_tensors(config, hf_state)
     if config.get("model_type") not in family.model_types:
         raise ConversionError(
             f"{options.load_dir}/config.json describes a {config.get('model_type')!r} model, not "

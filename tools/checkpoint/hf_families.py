@@ -3,16 +3,21 @@
 
 llama2 / llama3 -> LlamaForCausalLM, qwen3 -> Qwen3ForCausalLM (adds per-head q/k RMSNorm),
 gpt2 -> GPT2LMHeadModel (Conv1D weights stored transposed, fused c_attn), mixtral -> MixtralForCausalLM and
-qwen3_moe -> Qwen3MoeForCausalLM (routed experts, one on-disk tensor set per expert).
+qwen3_moe -> Qwen3MoeForCausalLM (routed experts, one on-disk tensor set per expert),
+deepseek_v3 -> DeepseekV3ForCausalLM (multi-latent attention with YaRN, dense first layers, sigmoid routing with
+an expert bias and groups, a shared expert).
 """
 
 import inspect
+import re
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core.errors import UserError
 from megatron.core.models.gpt.moe_module_specs import moe_layer_pattern
+from megatron.core.transformer.multi_latent_attention import MLA_HF_NAMES
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -272,18 +277,23 @@ LLAMA_TABLE = HFTable(
 )
 
 
-def _moe_table(block: str, gate: str, up: str, down: str) -> HFTable:
-    """Llama's table with routed experts in the MoE layers: `{block}.gate` is the router, expert e's
-    projections are `{block}.experts.{e}.{gate|up|down}` (Megatron's local_experts.{e}, global numbers)."""
+def _routed_expert_rows(block: str, gate: str, up: str, down: str) -> Tuple[TensorMap, ...]:
+    """The router `{block}.gate` and expert e's projections `{block}.experts.{e}.{gate|up|down}` (Megatron's
+    local_experts.{e}, global numbers) of a MoE layer."""
     experts = f"{block}.experts.{{e}}."
-    moe_rows = (
+    return (
         TensorMap("mlp.router.weight", f"{block}.gate.weight", moe=True),
         TensorMap("mlp.experts.local_experts.{e}.linear_fc1.weight", (experts + gate, experts + up), GateUp(), moe=True),
         TensorMap("mlp.experts.local_experts.{e}.linear_fc2.weight", experts + down, moe=True),
     )
+
+
+def _moe_table(block: str, gate: str, up: str, down: str) -> HFTable:
+    """Llama's table with routed experts in the MoE layers."""
     return HFTable(
-        LLAMA_TABLE.hf_prefix, LLAMA_TABLE.hf_layer, LLAMA_TABLE.head, LLAMA_TABLE.layer + moe_rows, LLAMA_TABLE.tail,
-        LLAMA_TABLE.tied_copies, LLAMA_TABLE.ignorable,
+        LLAMA_TABLE.hf_prefix, LLAMA_TABLE.hf_layer, LLAMA_TABLE.head,
+        LLAMA_TABLE.layer + _routed_expert_rows(block, gate, up, down), LLAMA_TABLE.tail, LLAMA_TABLE.tied_copies,
+        LLAMA_TABLE.ignorable,
     )
 
 
@@ -320,6 +330,10 @@ class HFFamily:
     config.json, `check_args` / `hf_config` back); subclasses give both."""
 
     table: HFTable
+
+    def config_for_tensors(self, config: dict, names) -> dict:
+        """config.json completed by what the checkpoint's tensor `names` show (nothing, unless a family says)."""
+        return config
 
     def to_mcore(self, hf_state: StateDict, args) -> StateDict:
         return self.table.to_mcore(hf_state, args)
@@ -589,6 +603,309 @@ class Qwen3MoeFamily(MoEFamilyMixin, Qwen3Family):
         return kwargs
 
 
+def _query_lora(args) -> bool:
+    return args.q_lora_rank is not None
+
+
+def _query_without_lora(args) -> bool:
+    return args.q_lora_rank is None
+
+
+_QUERY_LORA_NAMES = ("linear_q_down_proj.weight", "q_layernorm.weight", "linear_q_up_proj.weight")
+
+
+def _mla_rows() -> Tuple[TensorMap, ...]:
+    """MLA's tensors, copied unchanged (MLA_HF_NAMES); the query ones depend on --q-lora-rank."""
+    rows = []
+    for megatron, hf in MLA_HF_NAMES.items():
+        when = _always
+        if megatron in _QUERY_LORA_NAMES:
+            when = _query_lora
+        elif megatron == "linear_q_proj.weight":
+            when = _query_without_lora
+        rows.append(TensorMap(f"self_attention.{megatron}", f"self_attn.{hf}", when=when))
+    return tuple(rows)
+
+
+class DeepseekV3Table(HFTable):
+    """HFTable plus the multi-token prediction depths: depth k (Megatron mtp.layers.{k}) is Hugging Face layer
+    num_layers + k, its decoder layer (the last decoder layer's kind) under `transformer_layer.`."""
+
+    depth_rows = (
+        TensorMap("enorm.weight", "enorm.weight"),
+        TensorMap("hnorm.weight", "hnorm.weight"),
+        TensorMap("eh_proj.weight", "eh_proj.weight"),
+        TensorMap("final_layernorm.weight", "shared_head.norm.weight"),
+    )
+
+    def entries(self, args):
+        yield from super().entries(args)
+        last = args.num_layers - 1
+        for depth in range(args.mtp_num_layers or 0):
+            megatron, hf = f"mtp.layers.{depth}.", self.hf_layer.format(layer=args.num_layers + depth)
+            for row in self.depth_rows:
+                yield from row.expand(args, megatron, hf, last)
+            for row in self.layer:
+                yield from row.expand(args, megatron + "transformer_layer.", hf, last)
+
+
+def _deepseek_v3_table() -> HFTable:
+    """Llama's embedding, norms, dense MLP (first layers) and head; MLA attention; MoE layers with the
+    router's expert bias (`e_score_correction_bias`) and the shared experts."""
+    attention = {"self_attention.linear_qkv.{p}", "self_attention.linear_proj.{p}", "self_attention.q_layernorm.weight",
+                 "self_attention.k_layernorm.weight"}
+    llama_rows = tuple(row for row in LLAMA_TABLE.layer if row.megatron not in attention)
+    shared = "mlp.shared_experts."
+    moe_rows = _routed_expert_rows("mlp", "gate_proj.weight", "up_proj.weight", "down_proj.weight") + (
+        TensorMap("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", moe=True),
+        TensorMap(shared + "linear_fc1.weight", (shared + "gate_proj.weight", shared + "up_proj.weight"), GateUp(), moe=True),
+        TensorMap(shared + "linear_fc2.weight", shared + "down_proj.weight", moe=True),
+    )
+    return DeepseekV3Table(
+        LLAMA_TABLE.hf_prefix, LLAMA_TABLE.hf_layer, LLAMA_TABLE.head, llama_rows + _mla_rows() + moe_rows,
+        LLAMA_TABLE.tail, LLAMA_TABLE.tied_copies, LLAMA_TABLE.ignorable,
+    )
+
+
+# HF's q_a_layernorm and kv_a_layernorm always use eps 1e-6; Megatron gives every norm --norm-epsilon.
+DEEPSEEK_LATENT_NORM_EPSILON = 1e-6
+# Config values the converter refuses unless they hold these (transformers' defaults; what Megatron computes).
+_DEEPSEEK_V3_FIXED = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "rope_interleave": True,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+}
+
+
+class DeepseekV3Family(HFFamily):
+    """DeepseekV3ForCausalLM: MLA (q-LoRA or not, YaRN or plain RoPE, interleaved rotary channels), the first
+    `first_k_dense_replace` layers dense, then MoE layers routing as Megatron's sigmoid router with an expert
+    bias, groups, the scaling factor and the shared experts. Multi-token prediction depths are the layers at
+    index num_hidden_layers + k (DeepSeek's layout, which transformers does not load); each also stores copies
+    of the embedding (`embed_tokens`) and the output layer (`shared_head.head`)."""
+
+    model_types = ("deepseek_v3",)
+    architecture = "DeepseekV3ForCausalLM"
+    table = _deepseek_v3_table()
+
+    def check_config(self, config: dict) -> None:
+        for field, wanted in _DEEPSEEK_V3_FIXED.items():
+            if config.get(field, wanted) != wanted:
+                raise ConversionError(
+                    f"DeepSeek-V3 {field}={config[field]!r} cannot be expressed in Megatron (it needs {wanted!r})"
+                )
+        heads = config["num_attention_heads"]
+        if config.get("num_key_value_heads", heads) != heads:
+            raise ConversionError(f"DeepSeek-V3 num_key_value_heads must equal num_attention_heads ({heads})")
+        if config.get("rms_norm_eps", 1e-6) != DEEPSEEK_LATENT_NORM_EPSILON:
+            raise ConversionError(
+                f"DeepSeek-V3 rms_norm_eps={config['rms_norm_eps']} differs from its latent norms' fixed 1e-6, and "
+                "Megatron has one --norm-epsilon for every norm"
+            )
+        if config.get("n_shared_experts", 1) < 1:
+            raise ConversionError("DeepSeek-V3 n_shared_experts must be at least 1 (Megatron's shared expert)")
+        groups, group_topk, topk = config.get("n_group", 1), config.get("topk_group", 1), config["num_experts_per_tok"]
+        if groups > 1 and group_topk < groups and topk != 2 * group_topk:
+            raise ConversionError(
+                f"DeepSeek-V3 scores a group by its top-2 experts but Megatron by its top num_experts_per_tok // "
+                f"topk_group = {topk // group_topk}: num_experts_per_tok must be 2 x topk_group ({2 * group_topk})"
+            )
+
+    def flags(self, config: dict) -> List[str]:
+        self.check_config(config)
+        layers, first_dense = config["num_hidden_layers"], config.get("first_k_dense_replace", 0)
+        expert_width = config["moe_intermediate_size"]
+        flags = [
+            "--num-layers", layers,
+            "--hidden-size", config["hidden_size"],
+            "--ffn-hidden-size", config["intermediate_size"],
+            "--num-attention-heads", config["num_attention_heads"],
+            "--max-position-embeddings", config["max_position_embeddings"],
+            "--position-embedding-type", "rope",
+            "--normalization", "RMSNorm",
+            "--norm-epsilon", config.get("rms_norm_eps", 1e-6),
+            "--swiglu",
+            "--disable-bias-linear",
+            "--hidden-dropout", 0.0,
+            "--attention-dropout", config.get("attention_dropout", 0.0),
+            "--multi-latent-attention",
+            "--qk-layernorm",
+            "--kv-lora-rank", config["kv_lora_rank"],
+            "--qk-head-dim", config["qk_nope_head_dim"],
+            "--qk-pos-emb-head-dim", config["qk_rope_head_dim"],
+            "--v-head-dim", config["v_head_dim"],
+            "--num-experts", config["n_routed_experts"],
+            "--moe-router-topk", config["num_experts_per_tok"],
+            "--moe-ffn-hidden-size", expert_width,
+            "--moe-shared-expert-intermediate-size", config.get("n_shared_experts", 1) * expert_width,
+            "--moe-layer-freq", str([int(layer >= first_dense) for layer in range(layers)]),
+            "--moe-router-score-function", "sigmoid",
+            "--moe-router-enable-expert-bias",
+            "--moe-router-topk-scaling-factor", config.get("routed_scaling_factor", 1.0),
+            "--moe-router-dtype", "fp32",
+        ]
+        if config.get("q_lora_rank") is not None:
+            flags += ["--q-lora-rank", config["q_lora_rank"]]
+        if config.get("num_nextn_predict_layers"):
+            flags += ["--mtp-num-layers", config["num_nextn_predict_layers"]]
+        if config.get("n_group", 1) > 1:
+            flags += ["--moe-router-num-groups", config["n_group"], "--moe-router-group-topk", config["topk_group"]]
+        if not config.get("tie_word_embeddings", False):
+            flags.append("--untie-embeddings-and-output-weights")
+        return [str(flag) for flag in flags + self._rope_flags(config)]
+
+    @staticmethod
+    def _rope_flags(config: dict) -> List[str]:
+        rope = _rope_settings(config)
+        flags = ["--rotary-base", rope["rope_theta"]]
+        if rope["rope_type"] == "default":
+            return flags + ["--rope-type", "rope"]
+        if rope["rope_type"] != "yarn":
+            raise ConversionError(f"DeepSeek-V3 RoPE type {rope['rope_type']!r} is not supported (default, yarn)")
+        for field in ("attention_factor", "truncate"):
+            if rope.get(field) not in (None, True):
+                raise ConversionError(f"DeepSeek-V3 YaRN {field}={rope[field]!r} is not supported")
+        return flags + [
+            "--rope-type", "yarn",
+            "--rotary-scaling-factor", rope["factor"],
+            "--mscale", rope.get("mscale", 1.0),
+            "--mscale-all-dim", rope.get("mscale_all_dim", 0.0),
+            "--original-max-position-embeddings", rope["original_max_position_embeddings"],
+            "--beta-fast", rope.get("beta_fast", 32.0),
+            "--beta-slow", rope.get("beta_slow", 1.0),
+        ]
+
+    def config_for_tensors(self, config: dict, names) -> dict:
+        """num_nextn_predict_layers as the checkpoint holds them: transformers saves the field (default 1)
+        without the layers."""
+        layers = config["num_hidden_layers"]
+        present = {int(match.group(1)) for match in map(_LAYER_INDEX.search, names) if match}
+        depths = 0
+        while depths < config.get("num_nextn_predict_layers", 0) and layers + depths in present:
+            depths += 1
+        return {**config, "num_nextn_predict_layers": depths}
+
+    def to_mcore(self, hf_state: StateDict, args) -> StateDict:
+        depths = args.mtp_num_layers or 0
+        hf_state = _without_layers_from(hf_state, args.num_layers + depths)
+        for name in self._depth_copies(args):
+            hf_state.pop(name, None)
+        return super().to_mcore(hf_state, args)
+
+    def from_mcore(self, state: StateDict, args) -> StateDict:
+        hf = super().from_mcore(state, args)
+        output = "model.embed_tokens.weight" if not args.untie_embeddings_and_output_weights else "lm_head.weight"
+        for name in self._depth_copies(args):
+            hf[name] = hf["model.embed_tokens.weight" if name.endswith("embed_tokens.weight") else output].clone()
+        return hf
+
+    def _depth_copies(self, args) -> List[str]:
+        """Each depth's copies of the embedding and the output layer (not Megatron tensors of their own)."""
+        layers = [self.table.hf_layer.format(layer=args.num_layers + depth) for depth in range(args.mtp_num_layers or 0)]
+        return [layer + name for layer in layers for name in ("embed_tokens.weight", "shared_head.head.weight")]
+
+    def check_args(self, args) -> None:
+        wanted = {
+            "normalization": "RMSNorm",
+            "swiglu": True,
+            "multi_latent_attention": True,
+            "qk_layernorm": True,
+            "add_bias_linear": False,
+            "apply_residual_connection_post_layernorm": False,
+            "norm_epsilon": DEEPSEEK_LATENT_NORM_EPSILON,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+            "moe_shared_expert_gate": False,
+            "moe_expert_capacity_factor": None,
+        }
+        if getattr(args, "num_experts", None) is None:
+            raise ConversionError(f"the checkpoint has no routed experts (--num-experts), so it is not {self.architecture}")
+        _require_args(args, wanted, self.architecture)
+        shared, width = args.moe_shared_expert_intermediate_size, args.moe_ffn_hidden_size
+        if not shared or shared % width:
+            raise ConversionError(
+                f"{self.architecture} needs shared experts of the routed width: --moe-shared-expert-intermediate-size "
+                f"{shared} is not a positive multiple of --moe-ffn-hidden-size {width}"
+            )
+        pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+        if pattern != sorted(pattern):
+            raise ConversionError(f"{self.architecture} has its dense layers first: --moe-layer-freq {args.moe_layer_freq}")
+        groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
+        if groups and group_topk < groups and args.moe_router_topk != 2 * group_topk:
+            raise ConversionError(
+                f"{self.architecture} scores a group by its top-2 experts: --moe-router-topk must be 2 x "
+                f"--moe-router-group-topk ({2 * group_topk})"
+            )
+
+    def hf_config(self, args, dtype: torch.dtype):
+        from transformers import DeepseekV3Config
+
+        pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+        rope = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
+        if args.rope_type in (None, "yarn"):
+            rope.update(
+                rope_type="yarn", factor=args.rotary_scaling_factor, mscale=args.mscale,
+                mscale_all_dim=args.mscale_all_dim, original_max_position_embeddings=args.original_max_position_embeddings,
+                beta_fast=args.beta_fast, beta_slow=args.beta_slow,
+            )
+        config = DeepseekV3Config(
+            vocab_size=args.true_vocab_size,
+            hidden_size=args.hidden_size,
+            intermediate_size=args.ffn_hidden_size,
+            moe_intermediate_size=args.moe_ffn_hidden_size,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_attention_heads,
+            n_shared_experts=args.moe_shared_expert_intermediate_size // args.moe_ffn_hidden_size,
+            n_routed_experts=args.num_experts,
+            routed_scaling_factor=args.moe_router_topk_scaling_factor or 1.0,
+            kv_lora_rank=args.kv_lora_rank,
+            q_lora_rank=args.q_lora_rank,
+            qk_rope_head_dim=args.qk_pos_emb_head_dim,
+            v_head_dim=args.v_head_dim,
+            qk_nope_head_dim=args.qk_head_dim,
+            n_group=args.moe_router_num_groups or 1,
+            topk_group=args.moe_router_group_topk or 1,
+            num_experts_per_tok=args.moe_router_topk,
+            first_k_dense_replace=pattern.count(False),
+            norm_topk_prob=True,
+            max_position_embeddings=args.max_position_embeddings,
+            rms_norm_eps=args.norm_epsilon,
+            rope_parameters=rope,
+            rope_interleave=True,
+            attention_bias=False,
+            attention_dropout=args.attention_dropout,
+            tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+            num_nextn_predict_layers=args.mtp_num_layers or 0,
+        )
+        return _finish_config(config, self.architecture, dtype)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _without_layers_from(hf_state: StateDict, first_dropped: int) -> StateDict:
+    """The tensors of layers below `first_dropped`: further multi-token prediction depths than the config
+    names are dropped with a note, as transformers ignores them."""
+    kept, dropped = {}, []
+    for name, tensor in hf_state.items():
+        match = _LAYER_INDEX.search(name)
+        if match and int(match.group(1)) >= first_dropped:
+            dropped.append(name)
+        else:
+            kept[name] = tensor
+    if dropped:
+        print(
+            f"note: dropped {len(dropped)} tensor(s) of layers past the decoder and its multi-token prediction "
+            f"depths (num_hidden_layers + num_nextn_predict_layers = {first_dropped}), such as {dropped[0]}",
+            file=sys.stderr,
+        )
+    return kept
+
+
 def _finish_config(config, architecture: str, dtype: torch.dtype):
     config.architectures = [architecture]
     # transformers 5 calls the weights' dtype `dtype`, 4 `torch_dtype`.
@@ -678,6 +995,7 @@ FAMILIES = {
     "gpt2": GPT2Family(),
     "mixtral": MixtralFamily(),
     "qwen3_moe": Qwen3MoeFamily(),
+    "deepseek_v3": DeepseekV3Family(),
 }
 
 

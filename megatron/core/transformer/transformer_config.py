@@ -109,8 +109,14 @@ class TransformerConfig(ModelParallelConfig):
     expert_tensor_parallel_size: Optional[int] = None
     """None means tensor_model_parallel_size."""
 
+    # Multi-token prediction (DeepSeek-V3): mtp_num_layers extra modules after the decoder, each predicting one
+    # token further; their mean loss times mtp_loss_scaling_factor joins the gradient (not the lm loss).
+    mtp_num_layers: Optional[int] = None
+    mtp_loss_scaling_factor: float = 0.1
+
     def __post_init__(self):
         super().__post_init__()
+        self._check_mtp()
         self._check_sizes()
         self._check_attention_heads()
         self._check_ranges()
@@ -122,6 +128,12 @@ class TransformerConfig(ModelParallelConfig):
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:
             self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_layers)
+
+    def _check_mtp(self):
+        if self.mtp_num_layers is not None and self.mtp_num_layers < 1:
+            raise ConfigError(f"--mtp-num-layers must be at least 1 (or omitted), got {self.mtp_num_layers}")
+        if self.mtp_num_layers is not None and self.mtp_loss_scaling_factor < 0:
+            raise ConfigError(f"--mtp-loss-scaling-factor must not be negative, got {self.mtp_loss_scaling_factor}")
 
     def _check_sizes(self):
         for flag, value in (

@@ -133,7 +133,7 @@ def test_command_line_errors_are_one_clear_line(hf_llama_dir, convert, tmp_path)
                       "--load-dir", hf_llama_dir, "--save-dir", tmp_path / "out")
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "convert.py: error: unknown --model-type-hf 'llama9'; choose one of: llama2, llama3, qwen3, gpt2, mixtral, qwen3_moe"
+        "convert.py: error: unknown --model-type-hf 'llama9'; choose one of: llama2, llama3, qwen3, gpt2, mixtral, qwen3_moe, deepseek_v3"
     )
     assert not (tmp_path / "out").exists()
 

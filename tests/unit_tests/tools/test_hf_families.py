@@ -64,12 +64,13 @@ def test_vocabulary_rows_pad_with_the_last_row_and_crop_back():
 def test_each_table_names_every_tensor_once_both_ways(family):
     args = argparse.Namespace(
         num_layers=2, add_bias_linear=family == "gpt2", qk_layernorm=family == "qwen3",
-        untie_embeddings_and_output_weights=family != "gpt2",
+        untie_embeddings_and_output_weights=family != "gpt2", q_lora_rank=None, mtp_num_layers=None,
     )
     entries = list(FAMILIES[family].table.entries(args))
     megatron_names = [megatron for megatron, _, _ in entries]
     hf_names = [name for _, names, _ in entries for name in names]
     assert len(set(megatron_names)) == len(megatron_names)
     assert len(set(hf_names)) == len(hf_names)
-    assert "decoder.layers.1.self_attention.linear_qkv.weight" in megatron_names
+    attention = "linear_kv_up_proj" if family == "deepseek_v3" else "linear_qkv"
+    assert f"decoder.layers.1.self_attention.{attention}.weight" in megatron_names
     assert ("decoder.layers.1.self_attention.q_layernorm.weight" in megatron_names) == (family == "qwen3")

@@ -2,16 +2,17 @@
 an expert-parallel layout), greedy generation, and one line for what cannot be expressed."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megatron.training.checkpointing import get_checkpoint_name
-from tests.conftest import REPO_ROOT
-from tests.unit_tests.tools.conftest import VOCAB
+from tests.unit_tests.tools.conftest import (
+    assert_generate_matches_transformers,
+    assert_logits_match_transformers,
+    assert_same_safetensors,
+    assert_training_loss_matches_transformers,
+)
 from tools.checkpoint.convert import main as convert_main
 
 FAMILIES = {"mixtral": "hf_mixtral_dir", "qwen3_moe": "hf_qwen3_moe_dir"}
@@ -28,35 +29,19 @@ def _to_megatron(convert, family, hf_dir, save_dir, *extra):
 
 
 def test_logits_match_transformers(family, convert, load_converted, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     name, hf_dir = family
     _to_megatron(convert, name, hf_dir, tmp_path / "mg")
     model, args = load_converted(tmp_path / "mg")
     assert args.num_experts in (4, 8)
-    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
-        reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens).logits
-    scale = reference.abs().max()
-    assert scale > 1.0
-    assert (ours - reference).abs().max() <= 1e-4 * scale
+    assert_logits_match_transformers(model, hf_dir)
 
 
 def test_training_loss_matches_transformers(family, convert, load_converted, tmp_path):
     """Routing in training mode (the aux loss attached, not added to the LM loss) gives transformers' loss."""
-    from transformers import AutoModelForCausalLM
-
     name, hf_dir = family
     _to_megatron(convert, name, hf_dir, tmp_path / "mg")
     model, _ = load_converted(tmp_path / "mg")
-    model.train()
-    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    loss = model(inputs, torch.arange(inputs.size(1)).expand_as(inputs), None, labels=labels).mean()
-    loss.backward()
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens, labels=tokens).loss
-    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert_training_loss_matches_transformers(model, hf_dir)
     assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
 
 
@@ -104,10 +89,7 @@ def test_round_trip_through_expert_parallel_is_bit_identical(family, convert, tm
             "--save-dir", tmp_path / "ep1")
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", name,
             "--load-dir", tmp_path / "ep1", "--save-dir", tmp_path / "hf")
-    original, again = load_file(f"{hf_dir}/model.safetensors"), load_file(f"{tmp_path}/hf/model.safetensors")
-    assert original.keys() == again.keys()
-    for key, tensor in original.items():
-        assert torch.equal(tensor, again[key]), key
+    assert_same_safetensors(hf_dir, tmp_path / "hf")
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
     source = json.loads((hf_dir / "config.json").read_text())
     for key in ("num_experts_per_tok", "num_local_experts", "num_experts", "norm_topk_prob", "mlp_only_layers"):
@@ -115,21 +97,8 @@ def test_round_trip_through_expert_parallel_is_bit_identical(family, convert, tm
 
 
 def test_generate_gives_transformers_greedy_ids(hf_mixtral_dir, convert, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     _to_megatron(convert, "mixtral", hf_mixtral_dir, tmp_path / "mg")
-    prompt = [5, 17, 42, 7]
-    expected = AutoModelForCausalLM.from_pretrained(hf_mixtral_dir).eval().generate(
-        torch.tensor([prompt]), max_new_tokens=6, do_sample=False
-    )[0].tolist()
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "generate.py"), "--load", str(tmp_path / "mg"),
-         "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "6", "--device", "cpu"],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    generated = next(line for line in result.stdout.splitlines() if line.startswith("generated ids: "))
-    assert [int(token) for token in generated.split()[2:]] == expected[len(prompt):]
+    assert_generate_matches_transformers(hf_mixtral_dir, tmp_path / "mg")
 
 
 def test_what_transformers_cannot_express_is_one_line(hf_mixtral_dir, tmp_path, capsys):

@@ -17,6 +17,7 @@ from megatron.core.models.common.language_module.language_module import (
     single_input_tensor,
 )
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
 from megatron.core.transformer.pipeline_layout import layout_independent_init
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -90,7 +91,9 @@ class GPTModel(LanguageModule):
         if pre_process:
             with layout_independent_init(config, 0):
                 self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
-        if position_embedding_type == "rope":
+        # Multi-latent attention rotates its own position channels with its own (YaRN) table.
+        self.shares_rotary_table = position_embedding_type == "rope" and not config.multi_latent_attention
+        if self.shares_rotary_table:
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
                 rotary_percent=rotary_percent,
@@ -118,6 +121,14 @@ class GPTModel(LanguageModule):
                     gather_output=False,
                     skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
                 )
+        self.mtp = None
+        if post_process and config.mtp_num_layers:
+            if not pre_process:
+                raise ValueError(
+                    "multi-token prediction embeds tokens on the last pipeline stage, which holds no embedding here; "
+                    "run it with one pipeline stage"
+                )
+            self.mtp = MultiTokenPredictionBlock(config, transformer_layer_spec)
         self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -132,14 +143,17 @@ class GPTModel(LanguageModule):
         decoder_input: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
+        loss_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """`loss_mask` [b, s] weighs the multi-token prediction losses (all tokens when None); they are computed
+        in training with labels, and join the backward without changing the returned main loss."""
         if inference_params is not None and parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError("generation with a key/value cache runs without context parallelism")
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids, position_ids)
 
         rotary_pos_emb = None
-        if self.position_embedding_type == "rope":
+        if self.shares_rotary_table:
             reference = decoder_input if decoder_input is not None else self.decoder.input_tensor
             rotary_pos_emb = self.rotary_pos_emb(rotary_sequence_length(self.config, reference, inference_params))
             rotary_pos_emb = rotary_angles_on_this_cp_rank(rotary_pos_emb)
@@ -149,6 +163,15 @@ class GPTModel(LanguageModule):
             return hidden_states
 
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        return output_logits_or_loss(
-            self.output_layer, hidden_states, output_weight, labels, self.parallel_output, self.fp16_lm_cross_entropy
-        )
+
+        def per_token_loss_or_logits(states, targets):
+            return output_logits_or_loss(
+                self.output_layer, states, output_weight, targets, self.parallel_output, self.fp16_lm_cross_entropy
+            )
+
+        if self.mtp is not None and labels is not None and torch.is_grad_enabled():
+            hidden_states = self.mtp(
+                hidden_states, input_ids, position_ids, labels, loss_mask, self.embedding, per_token_loss_or_logits,
+                attention_mask, rotary_pos_emb,
+            )
+        return per_token_loss_or_logits(hidden_states, labels)

@@ -60,7 +60,7 @@ def yarn_inverse_frequencies(
     high = min(math.ceil(_correction_dim(beta_slow, dim, base, original_max_position_embeddings)), dim - 1)
     if low == high:
         high += 0.001  # a one-channel ramp would divide by zero
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolated_share = 1 - ramp
     return interpolated * (1 - extrapolated_share) + extrapolated * extrapolated_share
 

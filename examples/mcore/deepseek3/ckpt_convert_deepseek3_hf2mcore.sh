@@ -1,0 +1,25 @@
+#!/bin/bash
+# Convert a Hugging Face DeepSeek-V3 model (DeepseekV3ForCausalLM: config.json + safetensors, its multi-token
+# prediction layers included) into a torch-format mcore checkpoint at a chosen tensor/pipeline/expert layout
+# (multi-token prediction needs PP=1). Train from it with
+#   --load $SAVE_DIR --finetune   (or --no-load-optim --no-load-rng)
+# Override any variable from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+LOAD_DIR=${LOAD_DIR:-model_from_hf/deepseek_v3}
+SAVE_DIR=${SAVE_DIR:-model_weights/deepseek_v3_mcore_tp${TP:-1}_pp${PP:-1}_ep${EP:-1}}
+TP=${TP:-1}
+PP=${PP:-1}
+EP=${EP:-1}
+
+python tools/checkpoint/convert.py \
+    --load-model-type hf \
+    --save-model-type mg \
+    --model-type-hf deepseek_v3 \
+    --load-dir "$LOAD_DIR" \
+    --save-dir "$SAVE_DIR" \
+    --target-tensor-parallel-size "$TP" \
+    --target-pipeline-parallel-size "$PP" \
+    --target-expert-parallel-size "$EP" \
+    --use-mcore-models

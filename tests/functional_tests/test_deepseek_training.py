@@ -1,0 +1,85 @@
+"""A tiny DeepSeek-V3-style model trained from pretrain_gpt.py's flags alone: multi-latent attention with YaRN,
+a dense first layer, then MoE layers with sigmoid routing, expert bias, group-limited top-k, a scaling factor,
+a shared expert and the sequence aux loss, plus one multi-token prediction depth. Two gloo ranks at EP=2 log the single-process losses; a run resumed
+from the EP=2 checkpoint logs exactly what the uninterrupted run logged."""
+
+import re
+
+import pytest
+import torch
+
+from megatron.training.checkpointing import get_checkpoint_name
+from tests.functional_tests.training_runs import gpt2_dataset, iteration_records, require_data_pipeline, run_pretrain, training_flags
+
+require_data_pipeline()
+
+TRAIN_ITERS = 6
+DEEPSEEK_TINY = [
+    "--num-layers", 2, "--hidden-size", 32, "--ffn-hidden-size", 64, "--num-attention-heads", 4,
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--norm-epsilon", 1e-6, "--swiglu",
+    "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--seq-length", 32, "--max-position-embeddings", 32,
+    "--multi-latent-attention", "--q-lora-rank", 16, "--kv-lora-rank", 16, "--qk-head-dim", 8,
+    "--qk-pos-emb-head-dim", 8, "--v-head-dim", 8, "--qk-layernorm", "--rotary-scaling-factor", 4, "--mscale", 1,
+    "--mscale-all-dim", 1, "--original-max-position-embeddings", 8,
+    "--num-experts", 4, "--moe-router-topk", 2, "--moe-ffn-hidden-size", 16, "--n-shared-experts", 1,
+    "--first-k-dense-replace", 1, "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate", 1e-2, "--moe-router-num-groups", 2, "--moe-router-group-topk", 1,
+    "--moe-router-topk-scaling-factor", 2.5, "--moe-router-load-balancing-type", "seq_aux_loss",
+    "--moe-aux-loss-coeff", 1e-3, "--mtp-num-layers", 1, "--mtp-loss-scaling-factor", 0.3,
+    "--use-cpu-initialization", "--attention-dropout", 0, "--hidden-dropout", 0,
+]
+LOGGED = ("lm loss", "mtp_1 loss", "seq_load_balancing_loss", "grad norm")
+EXPERT_PARALLEL = ["--expert-model-parallel-size", 2, "--moe-token-dispatcher-type", "alltoall"]
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return gpt2_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _train(data_path, *extra, nproc):
+    flags = training_flags(data_path, "mcore", "--train-iters", TRAIN_ITERS, *extra, model=DEEPSEEK_TINY)
+    result = run_pretrain(flags, nproc=nproc)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return iteration_records(result.stdout)
+
+
+def _values(records):
+    return {
+        iteration: {name: float(re.search(rf" {name}: (\S+) \|", line).group(1)) for name in LOGGED}
+        for iteration, line in records.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def expert_parallel(data_path, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("ep2")
+    return _train(data_path, *EXPERT_PARALLEL, "--save", save_dir, "--save-interval", 3, nproc=2), save_dir
+
+
+def test_expert_parallel_matches_the_single_process_run(data_path, expert_parallel):
+    records, save_dir = expert_parallel
+    reference = _values(_train(data_path, nproc=1))
+    assert sorted(records) == list(range(1, TRAIN_ITERS + 1))
+    for iteration, logged in _values(records).items():
+        for name, value in logged.items():
+            absolute = 1e-3 if name == "grad norm" else 0  # logged with three decimals
+            assert value == pytest.approx(reference[iteration][name], rel=1e-5, abs=absolute), (iteration, name)
+    assert reference[TRAIN_ITERS]["lm loss"] < reference[1]["lm loss"]
+    assert reference[TRAIN_ITERS]["mtp_1 loss"] < reference[1]["mtp_1 loss"]
+    path = get_checkpoint_name(str(save_dir), 3, False, False, 0, 0, True, 1)
+    state = torch.load(path, weights_only=False)["model"]
+    assert "decoder.layers.0.self_attention.linear_kv_down_proj.weight" in state
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in state and "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in state
+    for router in ("decoder.layers.1.mlp.router", "mtp.layers.0.transformer_layer.mlp.router"):
+        assert torch.count_nonzero(state[f"{router}.expert_bias"]) > 0  # three odd steps of +-rate
+    assert "mtp.layers.0.eh_proj.weight" in state
+    assert not any("rotary_pos_emb" in name and "self_attention" not in name for name in state)
+
+
+def test_resume_at_ep2_logs_what_the_uninterrupted_run_logged(data_path, expert_parallel):
+    records, save_dir = expert_parallel
+    resumed = _train(data_path, *EXPERT_PARALLEL, "--load", save_dir, "--ckpt-step", 3, nproc=2)
+    assert sorted(resumed) == [4, 5, 6]
+    for iteration, line in resumed.items():
+        assert line == records[iteration]
