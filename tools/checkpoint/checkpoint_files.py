@@ -71,6 +71,9 @@ def _complete_args(
     args.tensor_model_parallel_size = tensor_parallel_size
     args.pipeline_model_parallel_size = pipeline_parallel_size
     args.expert_model_parallel_size = expert_parallel_size
+    args.expert_tensor_parallel_size = tensor_parallel_size  # experts are written split like the other layers
+    if getattr(args, "num_experts", None) and tensor_parallel_size > 1:
+        args.sequence_parallel = True  # MoE under tensor parallelism trains with it (the weights do not change)
     args.true_vocab_size = true_vocab_size
     args.make_vocab_size_divisible_by = make_vocab_size_divisible_by
     args.padded_vocab_size = vocab_size_with_padding(
@@ -316,6 +319,12 @@ def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDi
     tp = getattr(saved, "tensor_model_parallel_size", 1)
     pp = getattr(saved, "pipeline_model_parallel_size", 1)
     ep = getattr(saved, "expert_model_parallel_size", 1)
+    etp = getattr(saved, "expert_tensor_parallel_size", None)
+    if getattr(saved, "num_experts", None) and etp not in (None, tp):
+        raise ConversionError(
+            f"{directory} was saved with --expert-tensor-parallel-size {etp} at --tensor-model-parallel-size {tp}; "
+            "the converter reads experts split like the other layers (ETP = TP): resume it at ETP = TP and save again"
+        )
     files = _rank_files(directory, pp > 1, ep > 1)
     layout = [(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)]
     missing = [

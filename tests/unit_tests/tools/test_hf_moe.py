@@ -8,6 +8,7 @@ import torch
 
 from megatron.training.checkpointing import get_checkpoint_name
 from tests.unit_tests.tools.conftest import (
+    VOCAB,
     assert_generate_matches_transformers,
     assert_logits_match_transformers,
     assert_same_safetensors,
@@ -115,3 +116,21 @@ def test_what_transformers_cannot_express_is_one_line(hf_mixtral_dir, tmp_path, 
     assert convert_main([*argv[:7], str(hf_mixtral_dir), "--save-dir", str(tmp_path / "ep3"),
                          "--target-expert-parallel-size", "3"]) == 1
     assert "--num-experts 4 is not divisible by --expert-model-parallel-size 3" in capsys.readouterr().err
+
+
+def test_checkpoint_with_whole_experts_under_tensor_parallelism_is_refused(hf_mixtral_dir, convert, tmp_path, capsys):
+    """ETP=1 at TP=2 keeps whole experts in each tensor-parallel file; the converter reads experts split like the
+    other layers, so it says so instead of merging copies."""
+    _to_megatron(convert, "mixtral", hf_mixtral_dir, tmp_path / "tp2", "--target-tensor-parallel-size", 2)
+    for tensor_rank in range(2):
+        path = get_checkpoint_name(str(tmp_path / "tp2"), 0, True, False, tensor_rank)
+        checkpoint = torch.load(path, weights_only=False)
+        assert checkpoint["args"].expert_tensor_parallel_size == 2
+        checkpoint["args"].expert_tensor_parallel_size = 1
+        torch.save(checkpoint, path)
+    argv = ["--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", str(tmp_path / "tp2"),
+            "--save-dir", str(tmp_path / "tp1")]
+    assert convert_main(argv) == 1
+    error = capsys.readouterr().err
+    assert "saved with --expert-tensor-parallel-size 1 at --tensor-model-parallel-size 2" in error
+    assert error.count("\n") == 1
