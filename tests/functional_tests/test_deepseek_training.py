@@ -94,6 +94,15 @@ def test_expert_parallel_matches_the_single_process_run(expert_parallel, single_
     assert not any("rotary_pos_emb" in name and "self_attention" not in name for name in state)
 
 
+def test_pipeline_parallel_with_the_prediction_depth_on_the_last_stage_matches_the_single_process_run(
+    data_path, single_process
+):
+    """PP=2: the dense layer on the first stage, the MoE layer, the output layer and the prediction depth (with its
+    copy of the word embeddings, tied to the first stage's) on the last; losses and grad norms as one process."""
+    records = _train(data_path, "--pipeline-model-parallel-size", 2, nproc=2)
+    _assert_same_values(records, single_process)
+
+
 def test_tensor_and_sequence_parallel_match_the_single_process_run(data_path, single_process):
     """MLA heads (and the MoE and prediction layers) split over 2 tensor-parallel ranks with sequence parallelism
     train like one process (the vocabulary padded to the same 50304 rows: 64 x TP2 here, 128 there)."""

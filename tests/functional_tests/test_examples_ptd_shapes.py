@@ -18,7 +18,7 @@ from megatron.training.tokenizer.tokenizer import _vocab_size_with_padding
 from tests.conftest import REPO_ROOT
 
 # script -> (tokenizer entries, embedding rows of the published checkpoint, published parameters in billions;
-# DeepSeek: without / with its multi-token prediction depth).
+# DeepSeek: then those of its multi-token prediction depth).
 PUBLISHED = {
     "llama2/pretrain_llama2_7b": (32000, 32000, "6.74"),
     "llama3/pretrain_llama3_8b": (128256, 128256, "8.03"),
@@ -27,9 +27,10 @@ PUBLISHED = {
     "qwen3/pretrain_qwen3_32b": (151669, 151936, "32.8"),
     "mixtral/pretrain_mixtral_8x7b": (32000, 32000, "46.7"),
     "qwen3_moe/pretrain_qwen3_30b_a3b": (151669, 151936, "30.5"),
-    # DeepSeek-V3: 671B in the paper's count, which leaves out the 14B multi-token prediction module (the
-    # script runs without it at PP=8).
-    "deepseek3/pretrain_deepseek3_671b": (129280, 129280, "671"),
+    # DeepSeek-V3: 671B in the paper's count, which leaves out the multi-token prediction module (its "14B" is
+    # the Hugging Face checkpoint's 685B less 671B; the depth holds 11.6B of its own here, 13.5B with copies of
+    # the embedding and output head, which it shares).
+    "deepseek3/pretrain_deepseek3_671b": (129280, 129280, "671", "11.6"),
     # The ~1B proxy (../shared/docs/MOE_MLA_CP.md): 1.09B plus 0.06B in its prediction depth.
     "deepseek3/pretrain_deepseek3_1b": (129280, 129280, "1.09", "0.06"),
 }

@@ -227,7 +227,9 @@ def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
     staging = f"{release_dir}.tmp.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for pipeline_rank, stage in enumerate(split_pipeline(state, args.num_layers, pp, tied, *_uneven_stages(args))):
+        stages = split_pipeline(state, args.num_layers, pp, tied, *_uneven_stages(args),
+                                prediction_embedding=bool(getattr(args, "mtp_num_layers", None)))
+        for pipeline_rank, stage in enumerate(stages):
             for tensor_rank, tensor_shard in enumerate(split_state_dict(stage, tp, rules)):
                 for expert_rank, shard in enumerate(split_experts(tensor_shard, args.num_experts, ep)):
                     if args.use_legacy_models:

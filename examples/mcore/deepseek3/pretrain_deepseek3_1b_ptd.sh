@@ -5,7 +5,7 @@
 # 6 per token plus one shared expert (sigmoid scores with the expert bias, 8 groups of which the best 3 are
 # searched, sequence aux loss 1e-4), one multi-token prediction depth (loss weight 0.3), DeepSeek-V3's
 # 129280-row vocabulary: 1.09B parameters plus 0.06B in the prediction depth. Layout: 8 GPUs, TP1 PP1 EP8
-# (EP may be 1, 2, 4 or 8). Every variable below can be overridden from the environment.
+# (EP may be 1, 2, 4 or 8; PP 1, 2 or 4). Every variable below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -23,10 +23,9 @@ CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-ckpt/deepseek3_1b_${STACK}}
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-$CKPT_SAVE_DIR}
 DATA_PATH=${DATA_PATH:-dataset/deepseek3/wikitext2_text_document}
 TOKENIZER_PATH=${TOKENIZER_PATH:-model_from_hf/deepseek_v3}  # DeepSeek-V3's tokenizer
-# GPUS_PER_NODE x NNODES = TP x data-parallel size; EP splits the experts over data-parallel ranks.
-# (Multi-token prediction runs with one pipeline stage.)
+# GPUS_PER_NODE x NNODES = TP x PP x data-parallel size; EP splits the experts over data-parallel ranks.
 TP=${TP:-1}
-PP=1
+PP=${PP:-1}
 EP=${EP:-8}
 
 DISTRIBUTED_ARGS="

@@ -4,12 +4,11 @@
 # 128 + 64 rotary, value head 128; YaRN factor 40 over 4096 positions, mscale 1), 256 routed SwiGLU experts of
 # width 2048 with 8 per token plus one shared expert (sigmoid scores with the aux-loss-free expert bias, 8
 # groups of which the best 4 are searched, weights scaled by 2.5, sequence aux loss 1e-4), RMSNorm eps 1e-6,
-# untied embeddings, 129280-row vocabulary: 671B parameters, 37B active per token. Layout as MindSpeed-LLM's
-# A2 script: 64 nodes x 8 GPUs, TP4 PP8 EP32 (experts unsplit by TP: --expert-tensor-parallel-size 1), the
-# 61 layers split 7 / 8 x 6 / 6 over the stages. DeepSeek's multi-token prediction depth is off here: it runs
-# with one pipeline stage only (see pretrain_deepseek3_1b_ptd.sh). Start it on every node with NODE_RANK set
-# (0 .. NNODES-1) and MASTER_ADDR the address of node 0; every variable below can be overridden from the
-# environment.
+# untied embeddings, 129280-row vocabulary: 671B parameters, 37B active per token; one multi-token prediction
+# depth (loss weight 0.3) on the last pipeline stage. Layout as MindSpeed-LLM's A2 script: 64 nodes x 8 GPUs,
+# TP4 PP8 EP32 (experts unsplit by TP: --expert-tensor-parallel-size 1), the 61 layers split 7 / 8 x 6 / 6 over
+# the stages. Start it on every node with NODE_RANK set (0 .. NNODES-1) and MASTER_ADDR the address of node 0;
+# every variable below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -96,6 +95,8 @@ GPT_ARGS="
     --moe-aux-loss-coeff 1e-4 \
     --moe-token-dispatcher-type alltoall \
     --moe-grouped-gemm \
+    --mtp-num-layers 1 \
+    --mtp-loss-scaling-factor 0.3 \
     --tokenizer-type PretrainedFromHF \
     --tokenizer-name-or-path ${TOKENIZER_PATH} \
     --seq-length 4096 \

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron.training.checkpointing import get_checkpoint_name
 from tests.unit_tests.tools.conftest import (
     assert_generate_matches_transformers,
     assert_gradients_match_transformers,
@@ -130,15 +131,21 @@ def _with_prediction_depth(hf_dir, directory, extra=None):
     return directory
 
 
-def test_multi_token_prediction_depth_round_trips(hf_deepseek_v3_dir, convert, load_converted, tmp_path, capsys):
+@pytest.mark.parametrize("layout", [["--target-expert-parallel-size", 2], ["--target-pipeline-parallel-size", 2]],
+                         ids=["ep2", "pp2"])
+def test_multi_token_prediction_depth_round_trips(hf_deepseek_v3_dir, layout, convert, load_converted, tmp_path, capsys):
+    """At PP=2 the depth lives on the last stage with its copy of the word embeddings."""
     stray = {"model.layers.3.enorm.weight": torch.ones(64)}  # past num_nextn_predict_layers: dropped
     with_depth = _with_prediction_depth(hf_deepseek_v3_dir, tmp_path / "src", stray)
-    _to_megatron(convert, with_depth, tmp_path / "mg", "--target-expert-parallel-size", 2)
+    _to_megatron(convert, with_depth, tmp_path / "mg", *layout)
     assert "dropped 1 tensor(s) of layers past" in capsys.readouterr().err
     model, args = load_converted(tmp_path / "mg")
     assert args.mtp_num_layers == 1
     projection = load_file(f"{with_depth}/model.safetensors")["model.layers.2.eh_proj.weight"]
     assert torch.equal(model.mtp.layers[0].eh_proj.weight, projection)
+    if "--target-pipeline-parallel-size" in layout:
+        last = torch.load(get_checkpoint_name(str(tmp_path / "mg"), 0, True, True, 0, 1), weights_only=False)["model"]
+        assert torch.equal(last["embedding.word_embeddings.weight"], model.embedding.word_embeddings.weight)
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "deepseek_v3",
             "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "hf")
     expected = _with_prediction_depth(hf_deepseek_v3_dir, tmp_path / "expected")
