@@ -1,7 +1,16 @@
-"""Training speed of one model config: tokens/s, TFLOP/s per device, MFU and peak memory on one final line.
+r"""Training speed of one model config: tokens/s, TFLOP/s per device, MFU and peak memory on one final line.
 
     python bench/train_bench.py --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256 [--bf16]
     torchrun --nproc-per-node 2 bench/train_bench.py ...        (any parallel layout the flags allow)
+
+A DeepSeek-V3-style model takes the training flags (examples/mcore/deepseek3/pretrain_deepseek3_tiny_cpu.sh):
+
+    torchrun --nproc-per-node 2 bench/train_bench.py --multi-latent-attention --q-lora-rank 64 --kv-lora-rank 32 \
+        --qk-head-dim 32 --qk-pos-emb-head-dim 16 --v-head-dim 32 --qk-layernorm --num-experts 8 \
+        --first-k-dense-replace 1 --moe-router-score-function sigmoid --moe-router-enable-expert-bias \
+        --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall --mtp-num-layers 1 ...
+
+and its FLOPs count MLA's projections, the active experts only and the prediction depths.
 
 The model is a Llama-style stack by default (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases, a 32000-entry
 vocabulary); any training flag overrides it. Batches are random token ids, so the figure is the model step

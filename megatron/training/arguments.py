@@ -1568,7 +1568,9 @@ def validate_mtp_args(args):
         return
     unsupported = {
         "--use-legacy-models": args.use_legacy_models,
-        "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
+        "--pipeline-model-parallel-size > 1 without --untie-embeddings-and-output-weights": (
+            args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights
+        ),
         "--context-parallel-size > 1": getattr(args, "context_parallel_size", 1) > 1,
         "--calculate-per-token-loss": getattr(args, "calculate_per_token_loss", False),
     }

@@ -1,7 +1,7 @@
 """MoE auxiliary losses in the training log: Megatron's names (`load_balancing_loss`, `seq_load_balancing_loss`,
-`global_load_balancing_loss`, `z_loss`), unscaled (loss / coeff), averaged over MoE layers, micro batches and
-the ranks that train the same model part, printed beside `lm loss`; likewise each multi-token prediction
-depth's loss (`mtp_1 loss`, ...)."""
+`global_load_balancing_loss`, `z_loss`), unscaled (loss / coeff), averaged over MoE layers (multi-token
+prediction depths included, as Megatron counts them), micro batches and the ranks that train the same model
+part, printed beside `lm loss`; likewise each multi-token prediction depth's loss (`mtp_1 loss`, ...)."""
 
 from typing import Dict, List
 
@@ -10,7 +10,11 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt.moe_module_specs import is_moe_layer
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    num_layers_with_aux_losses,
+)
 from megatron.core.transformer.moe.router import AUX_LOSS_NAMES
 from megatron.core.transformer.multi_token_prediction import clear_mtp_loss_tracker, get_mtp_loss_tracker
 
@@ -69,10 +73,11 @@ def moe_aux_loss_report(config, num_microbatches: int, writer=None, iteration: i
     if config.num_moe_experts is None or not names:
         return {}
     tracker = get_moe_layer_wise_logging_tracker()
-    values = torch.stack([_summed_over_its_group(tracker.get(name), config.num_layers) for name in names])
+    num_layers = num_layers_with_aux_losses(config)  # multi-token prediction depths after the decoder layers
+    values = torch.stack([_summed_over_its_group(tracker.get(name), num_layers) for name in names])
     values = _averaged_over_replicas(values, num_microbatches)
     clear_aux_losses_tracker()
-    num_moe_layers = sum(is_moe_layer(config, layer) for layer in range(1, config.num_layers + 1))
+    num_moe_layers = sum(is_moe_layer(config, layer) for layer in range(1, num_layers + 1))
     if writer is not None and per_layer:
         for name, layer_values in zip(names, values.tolist()):
             for layer, value in enumerate(layer_values):

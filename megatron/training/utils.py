@@ -82,7 +82,10 @@ _LAST_STAGE_FIELDS = ("labels", "loss_mask", "attention_mask")
 
 def _batch_fields_of_this_stage():
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    return [name for name in _BATCH_DTYPES if (first and name in _FIRST_STAGE_FIELDS) or (last and name in _LAST_STAGE_FIELDS)]
+    last_fields = _LAST_STAGE_FIELDS
+    if getattr(get_args(), "mtp_num_layers", None):
+        last_fields += ("tokens", "position_ids")  # multi-token prediction embeds tokens on the last stage
+    return [name for name in _BATCH_DTYPES if (first and name in _FIRST_STAGE_FIELDS) or (last and name in last_fields)]
 
 
 def get_batch_on_this_tp_rank(data_iterator) -> dict:

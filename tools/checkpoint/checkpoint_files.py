@@ -79,6 +79,8 @@ def _complete_args(
     args.padded_vocab_size = vocab_size_with_padding(
         true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size
     )
+    if tensor_parallel_size > 1 and getattr(args, "num_experts", None):
+        args.sequence_parallel = True  # MoE layers split over tensor-parallel ranks route sequence shards
     try:
         validate_model_args(args)
     except ModelArgumentsError as error:
@@ -228,7 +230,9 @@ def write_megatron_checkpoint(save_dir: str, args, state: StateDict) -> None:
     staging = f"{release_dir}.tmp.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for pipeline_rank, stage in enumerate(split_pipeline(state, args.num_layers, pp, tied, *_uneven_stages(args))):
+        stages = split_pipeline(state, args.num_layers, pp, tied, *_uneven_stages(args),
+                                prediction_embedding=bool(getattr(args, "mtp_num_layers", None)))
+        for pipeline_rank, stage in enumerate(stages):
             for tensor_rank, tensor_shard in enumerate(split_state_dict(stage, tp, rules)):
                 for expert_rank, shard in enumerate(split_experts(tensor_shard, args.num_experts, ep)):
                     if args.use_legacy_models:

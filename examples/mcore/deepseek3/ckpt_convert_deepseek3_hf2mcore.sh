@@ -1,7 +1,7 @@
 #!/bin/bash
 # Convert a Hugging Face DeepSeek-V3 model (DeepseekV3ForCausalLM: config.json + safetensors, its multi-token
 # prediction layers included) into a torch-format mcore checkpoint at a chosen tensor/pipeline/expert layout
-# (multi-token prediction needs PP=1). Train from it with
+# (the prediction depths go to the last pipeline stage with a copy of the word embeddings). Train from it with
 #   --load $SAVE_DIR --finetune   (or --no-load-optim --no-load-rng)
 # Override any variable from the environment.
 set -euo pipefail

@@ -15,11 +15,11 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-# Layout: NPROC_PER_NODE x NNODES = TP x data-parallel size; EP (experts split over data-parallel ranks)
-# divides the data-parallel size: the default is EP=2 over the 2 processes. (Multi-token prediction runs with
-# one pipeline stage.)
+# Layout: NPROC_PER_NODE x NNODES = TP x PP x data-parallel size; EP (experts split over data-parallel ranks)
+# divides the data-parallel size: the default is EP=2 over the 2 processes (PP=2 EP=1 puts the MoE layer and
+# the prediction depth on the second stage).
 TP=${TP:-1}
-PP=1
+PP=${PP:-1}
 EP=${EP:-2}
 # Nodes without a shared file system: NO_SHARED_STORAGE=1 builds the dataset index cache on every node.
 NO_SHARED_STORAGE=${NO_SHARED_STORAGE:-0}

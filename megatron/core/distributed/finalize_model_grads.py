@@ -30,9 +30,14 @@ def _allreduce_embedding_grads(model: List[torch.nn.Module]) -> None:
     else:
         model_chunk = model[-1]
     module = _unwrap(model_chunk)
-    if not getattr(module, "share_embeddings_and_output_weights", False):
+    if hasattr(module, "pipeline_tied_embedding_weight"):
+        weight = module.pipeline_tied_embedding_weight()  # mcore: also the multi-token prediction embedding copy
+    elif getattr(module, "share_embeddings_and_output_weights", False):
+        weight = module.shared_embedding_or_output_weight()
+    else:
         return
-    weight = module.shared_embedding_or_output_weight()
+    if weight is None:
+        return
     grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
     torch.distributed.all_reduce(grad, group=group)
 

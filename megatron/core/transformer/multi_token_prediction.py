@@ -46,9 +46,10 @@ def roll_left(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class MultiTokenPredictionLayer(MegatronModule):
-    """One depth: forward(embedded [s, b, h], hidden_states [s, b, h], ...) -> its normed hidden states."""
+    """Depth `depth` (from 1): forward(embedded [s, b, h], hidden_states [s, b, h], ...) -> its normed hidden
+    states."""
 
-    def __init__(self, config: TransformerConfig, transformer_layer_spec: ModuleSpec):
+    def __init__(self, config: TransformerConfig, transformer_layer_spec: ModuleSpec, depth: int = 1):
         super().__init__(config)
         self.enorm = WrappedTorchNorm(config, config.hidden_size)
         self.hnorm = WrappedTorchNorm(config, config.hidden_size)
@@ -60,8 +61,9 @@ class MultiTokenPredictionLayer(MegatronModule):
             bias=False,
             gather_output=False,
         )
-        # Built as the last decoder layer, so that it is MoE exactly when that layer is.
-        self.transformer_layer = build_module(transformer_layer_spec, config=config, layer_number=config.num_layers)
+        # Megatron's layer number num_layers + depth: its aux losses are logged after the decoder's (the layer is
+        # MoE exactly when the last decoder layer is).
+        self.transformer_layer = build_module(transformer_layer_spec, config=config, layer_number=config.num_layers + depth)
         self.final_layernorm = WrappedTorchNorm(config, config.hidden_size)
 
     def forward(self, embedded, hidden_states, attention_mask=None, rotary_pos_emb=None) -> torch.Tensor:
@@ -83,7 +85,7 @@ class MultiTokenPredictionBlock(MegatronModule):
         for depth in range(config.mtp_num_layers):
             # Positions after the output layer's (num_layers + 1), so the other modules' weights do not change.
             with layout_independent_init(config, config.num_layers + 2 + depth):
-                layers.append(MultiTokenPredictionLayer(config, transformer_layer_spec))
+                layers.append(MultiTokenPredictionLayer(config, transformer_layer_spec, depth + 1))
         self.layers = torch.nn.ModuleList(layers)
 
     def forward(

@@ -107,10 +107,11 @@ def split_pipeline(
     tied: bool,
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
+    prediction_embedding: bool = False,
 ) -> List[Dict[str, torch.Tensor]]:
     """A whole mcore state dict (global layer numbers) -> per-stage state dicts with local layer numbers;
     the last stage of a tied model with several stages gets its own copy of the word embeddings as
-    `output_layer.weight`."""
+    `output_layer.weight`, and with `prediction_embedding` (multi-token prediction) a copy of the embedding."""
     stages = [{} for _ in range(pipeline_size)]
     layers = [
         layer_offset_and_count(num_layers, pipeline_size, stage, 1, 0, first_stage_layers, last_stage_layers)
@@ -128,6 +129,8 @@ def split_pipeline(
             stages[-1][name] = tensor
     if tied and pipeline_size > 1:
         stages[-1]["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
+    if prediction_embedding and pipeline_size > 1:
+        stages[-1].update({name: tensor.clone() for name, tensor in stages[0].items() if name.startswith("embedding.")})
     return stages
 
 
@@ -139,7 +142,8 @@ def merge_pipeline(
     last_stage_layers: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """Inverse of split_pipeline, also for virtual pipeline chunks: `stages[p][v]` is chunk v of stage p
-    (one chunk per stage without virtual stages). The last stage's copy of tied embeddings is dropped."""
+    (one chunk per stage without virtual stages). The last stage's copies of the embeddings (tied output layer,
+    multi-token prediction's embedding) are dropped."""
     merged = {}
     virtual_size = len(stages[0])
     for stage, chunks in enumerate(stages):
@@ -151,7 +155,7 @@ def merge_pipeline(
                 match = DECODER_LAYER_NAME.match(name)
                 if match:
                     merged[f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"] = tensor
-                elif tied and name == "output_layer.weight" and (stage, chunk) != (0, 0):
+                elif (stage, chunk) != (0, 0) and (name.startswith("embedding.") or tied and name == "output_layer.weight"):
                     continue
                 else:
                     merged[name] = tensor

@@ -168,6 +168,31 @@ def assert_training_loss_matches_transformers(model, hf_dir):
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
+def assert_gradients_match_transformers(model, hf_dir, pairs):
+    """The LM loss's gradients equal transformers' for `pairs` of (our parameter, transformers' parameter, index
+    into it or None); the MoE aux losses are switched off, as transformers adds none without
+    output_router_logits."""
+    from transformers import AutoModelForCausalLM
+
+    model.train()
+    types = model.config.moe_router_load_balancing_type
+    model.config.moe_aux_loss_coeff = 0.0 if isinstance(types, str) else [0.0] * len(types)
+    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    model(inputs, torch.arange(inputs.size(1)).expand_as(inputs), None, labels=labels).mean().backward()
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    reference(tokens, labels=tokens).loss.backward()
+    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    experts_with_tokens = 0
+    for our_name, their_name, index in pairs:
+        expected = theirs[their_name].grad if index is None else theirs[their_name].grad[index]
+        scale = expected.abs().max()
+        assert scale > 0 or index is not None, their_name  # a routed expert (indexed) may receive no token
+        experts_with_tokens += int(index is not None and scale > 0)
+        torch.testing.assert_close(ours[our_name].grad, expected, rtol=1e-4, atol=1e-4 * scale, msg=our_name)
+    assert experts_with_tokens > 0 or all(index is None for _, _, index in pairs)
+
+
 def assert_same_safetensors(original_dir, returned_dir):
     """Both directories' model.safetensors hold the same names with bit-identical tensors."""
     original, returned = load_file(f"{original_dir}/model.safetensors"), load_file(f"{returned_dir}/model.safetensors")

@@ -1,6 +1,6 @@
-"""DeepSeek-V3 through the converter (--model-type-hf deepseek_v3): transformers' logits and training loss
-(q-LoRA with YaRN and expert groups; no q-LoRA with plain RoPE and tied embeddings), bit-identical round trips
-(also through TP=2 x EP=2), and one line for each config Megatron cannot reproduce."""
+"""DeepSeek-V3 through the converter (--model-type-hf deepseek_v3): transformers' logits, training loss and
+gradients (q-LoRA with YaRN and expert groups; no q-LoRA with plain RoPE and tied embeddings), bit-identical
+round trips (also through TP=2 x EP=2), and one line for each config Megatron cannot reproduce."""
 
 import json
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron.training.checkpointing import get_checkpoint_name
 from tests.unit_tests.tools.conftest import (
     assert_generate_matches_transformers,
+    assert_gradients_match_transformers,
     assert_logits_match_transformers,
     assert_same_safetensors,
     assert_training_loss_matches_transformers,
@@ -42,6 +44,31 @@ def test_training_loss_matches_transformers(hf_deepseek_v3_dir, convert, load_co
     assert_training_loss_matches_transformers(model, hf_deepseek_v3_dir)
     attention = model.decoder.layers[1].self_attention
     assert attention.kv_layernorm.weight.grad.abs().sum() > 0 and attention.linear_q_up_proj.weight.grad.abs().sum() > 0
+
+
+# (our parameter, transformers' parameter, index into it): embeddings and output layer, MLA's latent projections
+# and norm, the router, routed experts (transformers fuses them as experts.gate_up_proj / down_proj) and the
+# shared expert of the MoE layer.
+GRADIENT_PAIRS = [
+    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", None),
+    ("output_layer.weight", "lm_head.weight", None),
+    ("decoder.layers.1.self_attention.linear_q_down_proj.weight", "model.layers.1.self_attn.q_a_proj.weight", None),
+    ("decoder.layers.1.self_attention.kv_layernorm.weight", "model.layers.1.self_attn.kv_a_layernorm.weight", None),
+    ("decoder.layers.1.self_attention.linear_proj.weight", "model.layers.1.self_attn.o_proj.weight", None),
+    ("decoder.layers.1.mlp.router.weight", "model.layers.1.mlp.gate.weight", None),
+    *[(f"decoder.layers.1.mlp.experts.local_experts.{expert}.linear_fc2.weight", "model.layers.1.mlp.experts.down_proj",
+       expert) for expert in range(8)],
+    ("decoder.layers.1.mlp.shared_experts.linear_fc2.weight", "model.layers.1.mlp.shared_experts.down_proj.weight", None),
+    ("decoder.layers.0.mlp.linear_fc2.weight", "model.layers.0.mlp.down_proj.weight", None),
+]
+
+
+def test_gradients_match_transformers(hf_deepseek_v3_dir, convert, load_converted, tmp_path):
+    """The LM loss's gradients equal transformers' through MLA with YaRN, grouped sigmoid routing with the expert
+    bias and scaling, routed and shared experts, and the dense first layer."""
+    _to_megatron(convert, hf_deepseek_v3_dir, tmp_path / "mg")
+    model, _ = load_converted(tmp_path / "mg")
+    assert_gradients_match_transformers(model, hf_deepseek_v3_dir, GRADIENT_PAIRS)
 
 
 @pytest.mark.parametrize("layout", [[], ["--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 2]],
@@ -104,15 +131,21 @@ def _with_prediction_depth(hf_dir, directory, extra=None):
     return directory
 
 
-def test_multi_token_prediction_depth_round_trips(hf_deepseek_v3_dir, convert, load_converted, tmp_path, capsys):
+@pytest.mark.parametrize("layout", [["--target-expert-parallel-size", 2], ["--target-pipeline-parallel-size", 2]],
+                         ids=["ep2", "pp2"])
+def test_multi_token_prediction_depth_round_trips(hf_deepseek_v3_dir, layout, convert, load_converted, tmp_path, capsys):
+    """At PP=2 the depth lives on the last stage with its copy of the word embeddings."""
     stray = {"model.layers.3.enorm.weight": torch.ones(64)}  # past num_nextn_predict_layers: dropped
     with_depth = _with_prediction_depth(hf_deepseek_v3_dir, tmp_path / "src", stray)
-    _to_megatron(convert, with_depth, tmp_path / "mg", "--target-expert-parallel-size", 2)
+    _to_megatron(convert, with_depth, tmp_path / "mg", *layout)
     assert "dropped 1 tensor(s) of layers past" in capsys.readouterr().err
     model, args = load_converted(tmp_path / "mg")
     assert args.mtp_num_layers == 1
     projection = load_file(f"{with_depth}/model.safetensors")["model.layers.2.eh_proj.weight"]
     assert torch.equal(model.mtp.layers[0].eh_proj.weight, projection)
+    if "--target-pipeline-parallel-size" in layout:
+        last = torch.load(get_checkpoint_name(str(tmp_path / "mg"), 0, True, True, 0, 1), weights_only=False)["model"]
+        assert torch.equal(last["embedding.word_embeddings.weight"], model.embedding.word_embeddings.weight)
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "deepseek_v3",
             "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "hf")
     expected = _with_prediction_depth(hf_deepseek_v3_dir, tmp_path / "expected")

@@ -10,6 +10,7 @@ from megatron.training.checkpointing import get_checkpoint_name
 from tests.unit_tests.tools.conftest import (
     VOCAB,
     assert_generate_matches_transformers,
+    assert_gradients_match_transformers,
     assert_logits_match_transformers,
     assert_same_safetensors,
     assert_training_loss_matches_transformers,
@@ -57,27 +58,12 @@ GRADIENT_PAIRS = [
 
 
 def test_gradients_match_transformers(family, convert, load_converted, tmp_path):
-    """The LM loss's gradients (the aux loss off, as transformers adds none without output_router_logits) equal
-    transformers' for the embeddings, the output layer, a router and routed experts."""
-    from transformers import AutoModelForCausalLM
-
+    """The LM loss's gradients equal transformers' for the embeddings, the output layer, a router and routed
+    experts."""
     name, hf_dir = family
     _to_megatron(convert, name, hf_dir, tmp_path / "mg")
     model, _ = load_converted(tmp_path / "mg")
-    model.train()
-    types = model.config.moe_router_load_balancing_type
-    model.config.moe_aux_loss_coeff = 0.0 if isinstance(types, str) else [0.0] * len(types)
-    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    model(inputs, torch.arange(inputs.size(1)).expand_as(inputs), None, labels=labels).mean().backward()
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    reference(tokens, labels=tokens).loss.backward()
-    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
-    for our_name, their_name, index in GRADIENT_PAIRS:
-        expected = theirs[their_name].grad if index is None else theirs[their_name].grad[index]
-        scale = expected.abs().max()
-        assert scale > 0, their_name
-        torch.testing.assert_close(ours[our_name].grad, expected, rtol=1e-4, atol=1e-4 * scale, msg=our_name)
+    assert_gradients_match_transformers(model, hf_dir, GRADIENT_PAIRS)
 
 
 def test_round_trip_through_expert_parallel_is_bit_identical(family, convert, tmp_path):

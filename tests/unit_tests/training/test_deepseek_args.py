@@ -71,7 +71,7 @@ def test_deepseek_style_model_from_flags():
         ([*MLA, "--v-head-dim", "0"], "--v-head-dim must be positive"),
         (["--mtp-num-layers", "0"], "--mtp-num-layers must be at least 1"),
         (["--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2"],
-         "--mtp-num-layers does not run with --pipeline-model-parallel-size > 1 yet"),
+         "--mtp-num-layers does not run with --pipeline-model-parallel-size > 1 without --untie-embeddings"),
         (["--mtp-num-layers", "1", "--calculate-per-token-loss"], "--mtp-num-layers does not run with --calculate-per-token-loss"),
     ],
 )

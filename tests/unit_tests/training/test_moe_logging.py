@@ -1,6 +1,7 @@
 """The MoE aux losses the training log prints: unscaled values averaged over MoE layers, micro batches and
 data-parallel ranks, under Megatron's names; per-layer TensorBoard scalars with --moe-per-layer-logging."""
 
+import pytest
 import torch
 
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, save_to_aux_losses_tracker
@@ -37,3 +38,28 @@ def _report_on_two_ranks(rank):
 
 def test_aux_losses_are_averaged_over_layers_micro_batches_and_ranks(run_on_gloo):
     run_on_gloo(2, _report_on_two_ranks)
+
+
+def _prediction_depth_logged_after_the_decoder(rank):
+    from gpt_builders import gpt_builder
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from tests.unit_tests.training.test_moe_args import MOE, validated
+
+    args = validated(*MOE, "--first-k-dense-replace", "1", "--moe-aux-loss-coeff", "1e-2", "--mtp-num-layers", "1",
+                     "--hidden-dropout", "0", "--attention-dropout", "0")
+    args.padded_vocab_size = 64
+    model = gpt_builder(args).train()
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    clear_aux_losses_tracker()
+    model(tokens, torch.arange(16).expand(2, 16), None, labels=tokens)
+    values = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].clone()
+    # Megatron's numbering: decoder layers 1-4 (the first dense), then the prediction depth as layer 5.
+    assert values.numel() == 5 and values[0] == 0 and bool((values[1:] > 0).all())
+    report = moe_aux_loss_report(model.config, num_microbatches=1)
+    assert report["load_balancing_loss"] == pytest.approx(values.sum().item() / 4, rel=1e-6)
+
+
+def test_prediction_depth_aux_loss_is_a_layer_after_the_decoder(run_on_gloo):
+    """The multi-token prediction depth's MoE layer logs its aux loss as layer num_layers + 1, and the logged
+    average counts it among the MoE layers (Megatron's tracker)."""
+    run_on_gloo(1, _prediction_depth_logged_after_the_decoder)

@@ -88,7 +88,10 @@ class GPTModel(LanguageModule):
         self.position_embedding_type = position_embedding_type
         self.vp_stage = vp_stage
 
-        if pre_process:
+        # Multi-token prediction embeds tokens on the last stage: when another stage holds the word embeddings, the
+        # last stage keeps a copy tied to them like a shared output layer (Megatron's placement of the depths).
+        self.embedding_tied_for_prediction = bool(config.mtp_num_layers) and pre_process != post_process
+        if pre_process or (post_process and self.embedding_tied_for_prediction):
             with layout_independent_init(config, 0):
                 self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
         # Multi-latent attention rotates its own position channels with its own (YaRN) table.
@@ -123,10 +126,10 @@ class GPTModel(LanguageModule):
                 )
         self.mtp = None
         if post_process and config.mtp_num_layers:
-            if not pre_process:
+            if share_embeddings_and_output_weights and not pre_process:
                 raise ValueError(
-                    "multi-token prediction embeds tokens on the last pipeline stage, which holds no embedding here; "
-                    "run it with one pipeline stage"
+                    "multi-token prediction over pipeline stages needs untied embeddings "
+                    "(--untie-embeddings-and-output-weights)"
                 )
             self.mtp = MultiTokenPredictionBlock(config, transformer_layer_spec)
         self.setup_embeddings_and_output_layer()

@@ -40,10 +40,11 @@ def moe_layer_pattern(moe_layer_freq: Union[int, List[int]], num_layers: int) ->
 
 
 def is_moe_layer(config: TransformerConfig, layer_number: int) -> bool:
-    """Whether decoder layer `layer_number` (1-based, whole model) is MoE in this config."""
+    """Whether layer `layer_number` (1-based, whole model) is MoE in this config; the multi-token prediction
+    depths (num_layers + k) are built like the last decoder layer, as Megatron builds them."""
     if config.num_moe_experts is None:
         return False
-    return moe_layer_pattern(config.moe_layer_freq, config.num_layers)[layer_number - 1]
+    return moe_layer_pattern(config.moe_layer_freq, config.num_layers)[min(layer_number, config.num_layers) - 1]
 
 
 @dataclass

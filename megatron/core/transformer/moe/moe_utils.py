@@ -276,6 +276,12 @@ def save_to_aux_losses_tracker(
     entry["reduce_group"] = reduce_group
 
 
+def num_layers_with_aux_losses(config) -> int:
+    """The aux-loss tracker's length: the decoder layers, then the multi-token prediction depths (numbered
+    num_layers + k, as Megatron numbers them)."""
+    return config.num_layers + (config.mtp_num_layers or 0)
+
+
 def clear_aux_losses_tracker() -> None:
     for entry in get_moe_layer_wise_logging_tracker().values():
         if "values" in entry:

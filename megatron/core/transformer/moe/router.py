@@ -15,6 +15,7 @@ from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     group_size,
+    num_layers_with_aux_losses,
     save_to_aux_losses_tracker,
     switch_load_balancing_loss_func,
     topk_routing_with_score_function,
@@ -189,7 +190,7 @@ class TopKRouter(MegatronModule):
 
     def attach_and_log_load_balancing_loss(self, activation, coeff, loss, aux_loss_type, reduce_group):
         save_to_aux_losses_tracker(
-            AUX_LOSS_NAMES[aux_loss_type], loss / coeff, self.layer_number, self.config.num_layers, reduce_group
+            AUX_LOSS_NAMES[aux_loss_type], loss / coeff, self.layer_number, num_layers_with_aux_losses(self.config), reduce_group
         )
         return MoEAuxLossAutoScaler.apply(activation, loss)
 
@@ -200,7 +201,7 @@ class TopKRouter(MegatronModule):
             return logits
         coeff = coeff / group_size(self.pg_collection.tp_cp)
         z_loss = z_loss_func(logits, coeff)
-        save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number, self.config.num_layers)
+        save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number, num_layers_with_aux_losses(self.config))
         return MoEAuxLossAutoScaler.apply(logits, z_loss)
 
     def _keep_expert_bias_fp32(self):

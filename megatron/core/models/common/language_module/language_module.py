@@ -1,6 +1,8 @@
 """LanguageModule: what every language model shares: the loss over vocab-parallel logits and the word
 embeddings tied between the first and last pipeline stages."""
 
+from typing import Optional
+
 import torch
 
 from megatron.core import parallel_state
@@ -58,15 +60,25 @@ def tie_word_embeddings_across_pipeline(weight: torch.Tensor, holds_input_embedd
 class LanguageModule(MegatronModule):
     """Base of GPTModel: the embedding/output-layer tie."""
 
+    # Multi-token prediction on a last pipeline stage that does not hold the word embeddings: that stage keeps a
+    # copy of them, tied to the first stage's (GPTModel sets this on both end stages).
+    embedding_tied_for_prediction = False
+
     def setup_embeddings_and_output_layer(self) -> None:
-        """Tie the output layer to the word embeddings across pipeline stages (nothing when untied or
-        when one stage holds both, which then share one tensor)."""
-        if not self.share_embeddings_and_output_weights:
-            return
-        if self.pre_process:
-            tie_word_embeddings_across_pipeline(self.embedding.word_embeddings.weight, holds_input_embedding=True)
-        elif self.post_process:
-            tie_word_embeddings_across_pipeline(self.output_layer.weight, holds_input_embedding=False)
+        """Tie the last stage's output layer (or its word-embedding copy for multi-token prediction) to the first
+        stage's word embeddings (nothing when untied or when one stage holds both, which then share one tensor)."""
+        weight = self.pipeline_tied_embedding_weight()
+        if weight is not None and (self.pre_process or self.post_process):
+            tie_word_embeddings_across_pipeline(weight, holds_input_embedding=self.pre_process)
+
+    def pipeline_tied_embedding_weight(self) -> Optional[torch.Tensor]:
+        """The weight this end stage keeps equal to the other end stage's (gradients summed over the embedding
+        group after every backward pass), or None when nothing is tied across stages."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        if self.embedding_tied_for_prediction:
+            return self.embedding.word_embeddings.weight
+        return None
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         """The tensor that serves as word embeddings and output weight on this stage."""

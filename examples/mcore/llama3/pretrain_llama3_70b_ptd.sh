@@ -1,0 +1,103 @@
+#!/bin/bash
+# Llama-3 70B pretraining on the mcore stack (STACK=legacy selects the legacy stack), with the published shapes
+# (80 layers, hidden 8192, FFN 28672, 64 heads in 8 key/value groups, 8192 tokens, 128256-token BPE
+# vocabulary, RoPE base 500000, RMSNorm, SwiGLU, untied embeddings, no biases; 70.6B parameters). Layout:
+# 4 nodes x 8 GPUs, TP8 (within a node) x PP4, the distributed optimizer. Every variable below can be
+# overridden from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+NNODES=${NNODES:-4}
+NODE_RANK=${NODE_RANK:-0}
+# Nodes without a shared file system: NO_SHARED_STORAGE=1 builds the dataset index cache on every node.
+NO_SHARED_STORAGE=${NO_SHARED_STORAGE:-0}
+
+STACK=${STACK:-mcore}
+CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-ckpt/llama3_70b_${STACK}}
+CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-$CKPT_SAVE_DIR}
+DATA_PATH=${DATA_PATH:-dataset/llama3/wikitext2_text_document}
+TOKENIZER_PATH=${TOKENIZER_PATH:-model_from_hf/llama3_70b}
+# GPUS_PER_NODE x NNODES = TP x PP x data-parallel size.
+TP=${TP:-8}
+PP=${PP:-4}
+
+DISTRIBUTED_ARGS="
+    --nproc-per-node $GPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node-rank $NODE_RANK \
+    --master-addr $MASTER_ADDR \
+    --master-port $MASTER_PORT
+"
+
+GPT_ARGS="
+    --use-${STACK}-models \
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --num-layers 80 \
+    --hidden-size 8192 \
+    --ffn-hidden-size 28672 \
+    --num-attention-heads 64 \
+    --group-query-attention \
+    --num-query-groups 8 \
+    --tokenizer-type PretrainedFromHF \
+    --tokenizer-name-or-path ${TOKENIZER_PATH} \
+    --seq-length 8192 \
+    --max-position-embeddings 8192 \
+    --micro-batch-size 1 \
+    --global-batch-size ${GLOBAL_BATCH_SIZE:-512} \
+    --make-vocab-size-divisible-by 1 \
+    --position-embedding-type rope \
+    --rotary-base 500000 \
+    --normalization RMSNorm \
+    --norm-epsilon 1e-5 \
+    --swiglu \
+    --untie-embeddings-and-output-weights \
+    --disable-bias-linear \
+    --attention-dropout 0.0 \
+    --hidden-dropout 0.0 \
+    --init-method-std 0.02 \
+    --use-flash-attn \
+    --attention-softmax-in-fp32 \
+    --lr 1.5e-4 \
+    --min-lr 1.5e-5 \
+    --lr-decay-style cosine \
+    --lr-warmup-fraction 0.01 \
+    --train-iters ${TRAIN_ITERS:-5000} \
+    --weight-decay 1e-1 \
+    --clip-grad 1.0 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.95 \
+    --adam-eps 1e-5 \
+    --use-distributed-optimizer \
+    --bf16
+"
+
+DATA_ARGS="
+    --data-path $DATA_PATH \
+    --split 949,50,1
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \
+    --save-interval ${SAVE_INTERVAL:-1000} \
+    --eval-interval 1000 \
+    --eval-iters 10 \
+    --exit-signal-handler \
+    --tensorboard-dir ${CKPT_SAVE_DIR}/tensorboard
+"
+
+LOG_DIR=${LOG_DIR:-logs}
+mkdir -p "$LOG_DIR"
+torchrun $DISTRIBUTED_ARGS pretrain_gpt.py \
+    $GPT_ARGS \
+    $DATA_ARGS \
+    $OUTPUT_ARGS \
+    --distributed-backend nccl \
+    $([ "$NO_SHARED_STORAGE" = 1 ] && echo --no-shared-storage) \
+    --load $CKPT_LOAD_DIR \
+    --save $CKPT_SAVE_DIR \
+    | tee "$LOG_DIR"/pretrain_llama3_70b_${STACK}.log

@@ -1,0 +1,106 @@
+#!/bin/bash
+# Qwen3-32B pretraining on the mcore stack (STACK=legacy selects the legacy stack), with the published shapes
+# (64 layers, hidden 5120, FFN 25600, 64 heads of width 128 in 8 key/value groups, QK-norm, RoPE base
+# 1000000, RMSNorm eps 1e-6, SwiGLU, untied embeddings, no biases, 151936-row vocabulary as in the Hugging Face
+# checkpoint; 32.8B parameters). Layout: 2 nodes x 8 GPUs, TP8 (within a node) x PP2, the distributed
+# optimizer. Every variable below can be overridden from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+NNODES=${NNODES:-2}
+NODE_RANK=${NODE_RANK:-0}
+# Nodes without a shared file system: NO_SHARED_STORAGE=1 builds the dataset index cache on every node.
+NO_SHARED_STORAGE=${NO_SHARED_STORAGE:-0}
+
+STACK=${STACK:-mcore}
+CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-ckpt/qwen3_32b_${STACK}}
+CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-$CKPT_SAVE_DIR}
+DATA_PATH=${DATA_PATH:-dataset/qwen3/wikitext2_text_document}
+TOKENIZER_PATH=${TOKENIZER_PATH:-model_from_hf/qwen3_32b}
+# GPUS_PER_NODE x NNODES = TP x PP x data-parallel size.
+TP=${TP:-8}
+PP=${PP:-2}
+
+DISTRIBUTED_ARGS="
+    --nproc-per-node $GPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node-rank $NODE_RANK \
+    --master-addr $MASTER_ADDR \
+    --master-port $MASTER_PORT
+"
+
+# 151669 tokenizer entries padded to a multiple of 1187 give the checkpoint's 151936 embedding rows.
+GPT_ARGS="
+    --use-${STACK}-models \
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --num-layers 64 \
+    --hidden-size 5120 \
+    --ffn-hidden-size 25600 \
+    --num-attention-heads 64 \
+    --kv-channels 128 \
+    --group-query-attention \
+    --num-query-groups 8 \
+    --qk-layernorm \
+    --untie-embeddings-and-output-weights \
+    --tokenizer-type PretrainedFromHF \
+    --tokenizer-name-or-path ${TOKENIZER_PATH} \
+    --seq-length 4096 \
+    --max-position-embeddings 40960 \
+    --micro-batch-size 1 \
+    --global-batch-size ${GLOBAL_BATCH_SIZE:-128} \
+    --make-vocab-size-divisible-by 1187 \
+    --position-embedding-type rope \
+    --rotary-base 1000000 \
+    --normalization RMSNorm \
+    --norm-epsilon 1e-6 \
+    --swiglu \
+    --disable-bias-linear \
+    --attention-dropout 0.0 \
+    --hidden-dropout 0.0 \
+    --init-method-std 0.02 \
+    --use-flash-attn \
+    --attention-softmax-in-fp32 \
+    --lr 3.0e-4 \
+    --min-lr 3.0e-5 \
+    --lr-decay-style cosine \
+    --lr-warmup-fraction 0.01 \
+    --train-iters ${TRAIN_ITERS:-5000} \
+    --weight-decay 1e-1 \
+    --clip-grad 1.0 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.95 \
+    --adam-eps 1e-8 \
+    --use-distributed-optimizer \
+    --bf16
+"
+
+DATA_ARGS="
+    --data-path $DATA_PATH \
+    --split 949,50,1
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \
+    --save-interval ${SAVE_INTERVAL:-1000} \
+    --eval-interval 1000 \
+    --eval-iters 10 \
+    --exit-signal-handler \
+    --tensorboard-dir ${CKPT_SAVE_DIR}/tensorboard
+"
+
+LOG_DIR=${LOG_DIR:-logs}
+mkdir -p "$LOG_DIR"
+torchrun $DISTRIBUTED_ARGS pretrain_gpt.py \
+    $GPT_ARGS \
+    $DATA_ARGS \
+    $OUTPUT_ARGS \
+    --distributed-backend nccl \
+    $([ "$NO_SHARED_STORAGE" = 1 ] && echo --no-shared-storage) \
+    --load $CKPT_LOAD_DIR \
+    --save $CKPT_SAVE_DIR \
+    | tee "$LOG_DIR"/pretrain_qwen3_32b_${STACK}.log
