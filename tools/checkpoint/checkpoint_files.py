@@ -79,8 +79,6 @@ def _complete_args(
     args.padded_vocab_size = vocab_size_with_padding(
         true_vocab_size, make_vocab_size_divisible_by, tensor_parallel_size
     )
-    if tensor_parallel_size > 1 and getattr(args, "num_experts", None):
-        args.sequence_parallel = True  # MoE layers split over tensor-parallel ranks route sequence shards
     try:
         validate_model_args(args)
     except ModelArgumentsError as error:
