@@ -1,6 +1,6 @@
 """Context parallelism end to end from pretrain_gpt.py flags (CPU, gloo): CP=2 and CP=4 runs train like the
-CP=1 run (losses, grad norms, and for CP=2 the final weights), and CP=2 checkpoints resume exactly at CP=2 and
-with the same losses at CP=1.
+CP=1 run (losses, grad norms and final weights), and CP=2 checkpoints resume exactly at CP=2 and with the same
+losses at CP=1.
 
 Every run uses the three attention algorithms (one per layer, --cp-comm-type p2p all_gather a2a p2p); the
 distributed optimizer (sharded over data x context parallel ranks) and --eod-mask-loss (a different token count
@@ -127,18 +127,24 @@ def test_context_parallel_trains_like_single_rank(single_rank_run, context_paral
     _assert_same_weights(context_parallel_save[1], single_rank_run[1])
 
 
+def test_context_parallel_size_4_trains_like_single_rank(data_path, single_rank_run, tmp_path):
+    stdout = _train([*_flags(data_path, "--context-parallel-size", 4, *COMM_TYPE_PER_LAYER), "--save", tmp_path], nproc=4)
+    _assert_trains_like(stdout, single_rank_run[0])
+    _assert_same_weights(tmp_path, single_rank_run[1])
+
+
 @pytest.mark.parametrize(
     "layout",
     [
-        ["--context-parallel-size", 4],
         # The vocabulary padded to the CP=1 run's size (a multiple of 64 x TP = 128 rows).
-        ["--context-parallel-size", 2, "--tensor-model-parallel-size", 2, "--sequence-parallel", "--make-vocab-size-divisible-by", 64],
-        ["--context-parallel-size", 2, "--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1],
+        ["--tensor-model-parallel-size", 2, "--sequence-parallel", "--make-vocab-size-divisible-by", 64],
+        ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1],
     ],
-    ids=["cp4", "cp2-tp2-sp", "cp2-pp2-interleaved"],
+    ids=["tp2-sp", "pp2-interleaved"],
 )
-def test_four_rank_layouts_train_like_single_rank(data_path, single_rank_run, layout):
-    _assert_trains_like(_train(_flags(data_path, *layout, *COMM_TYPE_PER_LAYER), nproc=4), single_rank_run[0])
+def test_context_parallel_size_2_with_model_parallelism_trains_like_single_rank(data_path, single_rank_run, layout):
+    flags = _flags(data_path, "--context-parallel-size", 2, *layout, *COMM_TYPE_PER_LAYER)
+    _assert_trains_like(_train(flags, nproc=4), single_rank_run[0])
 
 
 def test_multi_latent_attention_at_cp2_trains_like_cp1(data_path, tmp_path_factory):
