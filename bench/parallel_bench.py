@@ -113,8 +113,9 @@ def run_layout(name, bench_flags):
         return f"parallel_bench | {name:12s} | failed: {ranks}"
     return (
         f"parallel_bench | {name:12s} | {nproc} ranks | tokens/s: {float(ranks[0]['tokens/s']):.1f} | "
-        f"peak memory per rank (GiB): {per_rank(ranks, 'peak_gib', '{:.3f}')} | Adam moments per rank (bytes): "
-        f"{per_rank(ranks, 'moments', '{:.0f}')} | fp32 masters per rank (bytes): {per_rank(ranks, 'masters', '{:.0f}')}"
+        f"peak memory per rank (GiB): {per_rank(ranks, 'peak_gib', '{:.3f}')} | "
+        f"Adam moments per rank (bytes): {per_rank(ranks, 'moments', '{:.0f}')} | "
+        f"fp32 masters per rank (bytes): {per_rank(ranks, 'masters', '{:.0f}')}"
     )
 
 

@@ -40,13 +40,14 @@ WEIGHT_ABSOLUTE_TOLERANCE = 1e-4  # as the data-parallel and MoE tests: Adam amp
 MLA_TINY = [
     "--num-layers", 2, "--hidden-size", 32, "--ffn-hidden-size", 64, "--num-attention-heads", 4,
     "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--norm-epsilon", 1e-6, "--swiglu",
-    "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--seq-length", 32, "--max-position-embeddings", 32,
+    "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+    "--seq-length", 32, "--max-position-embeddings", 32,
     "--multi-latent-attention", "--q-lora-rank", 16, "--kv-lora-rank", 16, "--qk-head-dim", 8,
     "--qk-pos-emb-head-dim", 8, "--v-head-dim", 12, "--qk-layernorm", "--rotary-scaling-factor", 4, "--mscale", 1,
     "--mscale-all-dim", 1, "--original-max-position-embeddings", 8,
-    "--moe-ffn-hidden-size", 16, "--n-shared-experts", 1, "--first-k-dense-replace", 1, "--moe-router-score-function", "sigmoid",
-    "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", 1e-2, "--moe-router-num-groups", 2,
-    "--moe-router-group-topk", 1, "--moe-router-topk-scaling-factor", 2.5,
+    "--moe-ffn-hidden-size", 16, "--n-shared-experts", 1, "--first-k-dense-replace", 1,
+    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", 1e-2,
+    "--moe-router-num-groups", 2, "--moe-router-group-topk", 1, "--moe-router-topk-scaling-factor", 2.5,
     "--moe-router-load-balancing-type", "seq_aux_loss",
 ]
 
@@ -128,7 +129,8 @@ def test_context_parallel_trains_like_single_rank(single_rank_run, context_paral
 
 
 def test_context_parallel_size_4_trains_like_single_rank(data_path, single_rank_run, tmp_path):
-    stdout = _train([*_flags(data_path, "--context-parallel-size", 4, *COMM_TYPE_PER_LAYER), "--save", tmp_path], nproc=4)
+    flags = [*_flags(data_path, "--context-parallel-size", 4, *COMM_TYPE_PER_LAYER), "--save", tmp_path]
+    stdout = _train(flags, nproc=4)
     _assert_trains_like(stdout, single_rank_run[0])
     _assert_same_weights(tmp_path, single_rank_run[1])
 
@@ -153,7 +155,10 @@ def test_multi_latent_attention_at_cp2_trains_like_cp1(data_path, tmp_path_facto
     saves = {cp: tmp_path_factory.mktemp(f"mla_cp{cp}") for cp in (1, 2)}
     runs = {
         cp: _train(
-            [*_flags(data_path, "--context-parallel-size", cp, "--cp-comm-type", "p2p", "all_gather", "p2p", "a2a", model=MLA_TINY), "--save", saves[cp]],
+            [
+                *_flags(data_path, "--context-parallel-size", cp, *COMM_TYPE_PER_LAYER, model=MLA_TINY),
+                "--save", saves[cp],
+            ],
             nproc=cp,
         )
         for cp in (1, 2)

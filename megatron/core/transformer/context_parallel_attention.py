@@ -237,10 +237,16 @@ def _block_attention(query, key, value, scale: float, causal: bool):
     return torch.cat(outputs, dim=-2), torch.cat(lses, dim=-1)
 
 
-def _add_block_gradients(query, key, value, grad_output, lse, delta, scale: float, causal: bool, grads) -> None:
-    """Add one block's (dq, dk, dv) into the fp32 `grads`, tile by tile, the probabilities recomputed from the
-    rows' final log-sum-exp; `delta` is the row sum of grad_output x output (the softmax's backward term)."""
-    grad_query, grad_key, grad_value = grads
+def _add_block_gradients(block, query, key, value, grad_output, lse, delta, scale: float, grads) -> None:
+    """Add the (dq, dk, dv) of one block (query rows, key rows, causal) into the fp32 `grads` (shaped like query,
+    key, value), tile by tile, the probabilities recomputed from the rows' final log-sum-exp; `delta` is the row
+    sum of grad_output x output (the softmax's backward term)."""
+    block_rows, block_keys, causal = block
+    query, grad_output = query[..., block_rows, :], grad_output[..., block_rows, :]
+    lse, delta = lse[..., block_rows], delta[..., block_rows]
+    key, value = key[..., block_keys, :], value[..., block_keys, :]
+    grad_query = grads[0][..., block_rows, :]
+    grad_key, grad_value = grads[1][..., block_keys, :], grads[2][..., block_keys, :]
     for rows, keys, causal_offset in _query_tiles(query.size(-2), causal):
         tile_query, tile_key, tile_value = query[..., rows, :], key[..., keys, :], value[..., keys, :]
         tile_grad_output = grad_output[..., rows, :]
@@ -257,7 +263,7 @@ def _add_block_gradients(query, key, value, grad_output, lse, delta, scale: floa
 
 
 def _ring_blocks(ring: _Ring, key, value):
-    """For each step of one turn: (step, local query rows, source key rows, causal, source keys, source values).
+    """For each step of one turn: (step, (local query rows, source key rows, causal), source keys, source values).
     The next source's keys/values are on their way while the caller works on the block in hand."""
     chunk = key.size(-2) // 2
     key_value = _packed(key, value)
@@ -266,7 +272,7 @@ def _ring_blocks(ring: _Ring, key, value):
             receive_key_value = ring.shift(key_value, _KEY_VALUE_TAG)
         block_key, block_value = _unpacked(key_value, key.shape, value.shape)
         rows, keys, causal = _visible_block((ring.rank - step) % ring.size, ring.rank, chunk)
-        yield step, rows, keys, causal, block_key[..., keys, :], block_value[..., keys, :]
+        yield step, (rows, keys, causal), block_key, block_value
         if step + 1 < ring.size:
             key_value = receive_key_value()
 
@@ -276,8 +282,10 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, group, scale):
-        for step, rows, _, causal, block_key, block_value in _ring_blocks(_Ring(group), key, value):
-            block_output, block_lse = _block_attention(query[..., rows, :], block_key, block_value, scale, causal)
+        for step, (rows, keys, causal), block_key, block_value in _ring_blocks(_Ring(group), key, value):
+            block_output, block_lse = _block_attention(
+                query[..., rows, :], block_key[..., keys, :], block_value[..., keys, :], scale, causal
+            )
             if step == 0:  # the own block covers every local query
                 output, lse = block_output, block_lse
             else:
@@ -294,21 +302,11 @@ class _RingAttention(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         delta = (grad_output.float() * output.float()).sum(-1)
         grad_query = torch.zeros_like(query, dtype=torch.float32)
-        for step, rows, keys, causal, block_key, block_value in _ring_blocks(ring, key, value):
+        for step, block, block_key, block_value in _ring_blocks(ring, key, value):
             # The held block's dK/dV travel with it: add this rank's share to what the ranks before added.
             grad_key_value = torch.zeros(key.numel() + value.numel(), dtype=torch.float32, device=key.device)
-            grad_key, grad_value = _unpacked(grad_key_value, key.shape, value.shape)
-            _add_block_gradients(
-                query[..., rows, :],
-                block_key,
-                block_value,
-                grad_output[..., rows, :],
-                lse[..., rows],
-                delta[..., rows],
-                scale,
-                causal,
-                (grad_query[..., rows, :], grad_key[..., keys, :], grad_value[..., keys, :]),
-            )
+            grads = (grad_query, *_unpacked(grad_key_value, key.shape, value.shape))
+            _add_block_gradients(block, query, block_key, block_value, grad_output, lse, delta, scale, grads)
             if step > 0:
                 grad_key_value += receive_grad_key_value()
             receive_grad_key_value = ring.shift(grad_key_value, _GRADIENT_TAG)
@@ -328,7 +326,9 @@ class _GatheredAttention(torch.autograd.Function):
         output = query.new_empty(*query.shape[:-1], value.size(-1), dtype=torch.float32)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         for rows, keys, causal in blocks:
-            block_output, block_lse = _block_attention(query[..., rows, :], key[..., keys, :], value[..., keys, :], scale, causal)
+            block_output, block_lse = _block_attention(
+                query[..., rows, :], key[..., keys, :], value[..., keys, :], scale, causal
+            )
             if causal:  # a chunk's own block comes first
                 output[..., rows, :], lse[..., rows] = block_output, block_lse
             else:
@@ -344,18 +344,8 @@ class _GatheredAttention(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         delta = (grad_output.float() * output.float()).sum(-1)
         grads = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in (query, key, value)]
-        for rows, keys, causal in ctx.blocks:
-            _add_block_gradients(
-                query[..., rows, :],
-                key[..., keys, :],
-                value[..., keys, :],
-                grad_output[..., rows, :],
-                lse[..., rows],
-                delta[..., rows],
-                ctx.scale,
-                causal,
-                (grads[0][..., rows, :], grads[1][..., keys, :], grads[2][..., keys, :]),
-            )
+        for block in ctx.blocks:
+            _add_block_gradients(block, query, key, value, grad_output, lse, delta, ctx.scale, grads)
         return *(grad.to(tensor.dtype) for grad, tensor in zip(grads, (query, key, value))), None, None
 
 
