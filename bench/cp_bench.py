@@ -1,110 +1,65 @@
-"""Context-parallel attention alone (forward + backward, causal): tokens/s and peak memory per rank at several
-sequence lengths and CP sizes, one line per layout.
+"""One small model trained on long sequences at several context-parallel sizes: tokens/s and peak memory per
+rank, one line per sequence length, CP size and comm type.
 
-    python bench/cp_bench.py                                  (seq 2048 4096 8192; CP 1, 2, 4; p2p and all_gather)
-    python bench/cp_bench.py --seq-lengths 4096 8192 16384 --cp-sizes 1 2 --comm-types p2p
+    python bench/cp_bench.py                                   (seq 4096 8192 16384; CP 1, 2, 4; p2p)
+    python bench/cp_bench.py --seq-lengths 4096 8192 --cp-sizes 1 2 --comm-types p2p all_gather a2a
 
-Every CP size runs as that many gloo processes on CPU sharing the machine's cores (threads per rank =
-cores / CP), each holding its 2 load-balanced chunks of q, k, v [s/CP, batch, heads, head_dim]. CP=1 is the
-single-process path (torch's causal scaled_dot_product_attention). Peak memory per rank is the growth of the
-process's peak resident memory over its resident memory once the inputs exist: what attention and its backward
-allocate.
+Each layout is bench/parallel_bench.py's worker (train_bench's random-token training step: forward, backward,
+optimizer) under torchrun on loopback, gloo on CPU (NCCL on GPUs), one sequence per step split over the CP
+ranks; the machine's cores are shared out (threads per rank = cores / CP). Per rank: the peak memory (resident
+set on CPU) and its growth over the memory held once the model and optimizer exist, which is activations,
+gradients and Adam state; for a small model the activations dominate, and they fall with CP.
 """
 
 import argparse
 import os
-import resource
 import sys
-import tempfile
-import time
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parallel_bench  # noqa: E402
+from parallel_bench import REPO_ROOT  # noqa: E402
 
-from megatron.core.transformer.context_parallel_attention import (  # noqa: E402
-    CP_COMM_TYPES,
-    context_parallel_attention,
-    load_balanced_indices,
-)
+sys.path.insert(0, REPO_ROOT)
+from megatron.core.transformer.context_parallel_attention import CP_COMM_TYPES  # noqa: E402
 
-
-def resident_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_resident_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def attention_step(options, comm_type, inputs, group) -> None:
-    """One forward and backward of the attention on this rank's inputs."""
-    if group is None:
-        query, key, value = (tensor.permute(1, 2, 0, 3) for tensor in inputs)
-        output = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-    else:
-        output = context_parallel_attention(*inputs, group, comm_type)
-    output.sum().backward()
-
-
-def worker(rank, cp_size, rendezvous, options, comm_type, results):
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cp_size))
-    group = None
-    if cp_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=cp_size)
-        group = dist.group.WORLD
-    local_length = load_balanced_indices(options.seq_length, rank, cp_size).numel()
-    generator = torch.Generator().manual_seed(rank)
-    shape = (local_length, options.batch, options.heads, options.head_dim)
-    inputs = [torch.randn(shape, generator=generator, requires_grad=True) for _ in range(3)]
-    baseline = resident_mib()
-    attention_step(options, comm_type, inputs, group)  # warm-up: allocator and kernels
-    if group is not None:
-        dist.barrier()
-    start = time.perf_counter()
-    for _ in range(options.iters):
-        attention_step(options, comm_type, inputs, group)
-    if group is not None:
-        dist.barrier()
-    seconds = time.perf_counter() - start
-    results[rank] = (seconds, peak_resident_mib() - baseline)
-    if group is not None:
-        dist.destroy_process_group()
+# Llama-style (train_bench's defaults) with a small vocabulary, so that attention and the layers' activations,
+# not the logits, are what the sequence length grows.
+MODEL_FLAGS = [
+    "--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4, "--vocab-size", 4096,
+    "--micro-batch-size", 1, "--global-batch-size", 1,
+]
 
 
 def run_layout(options, seq_length, cp_size, comm_type) -> str:
-    options.seq_length = seq_length
-    with tempfile.TemporaryDirectory() as folder, mp.Manager() as manager:
-        results = manager.dict()
-        rendezvous = os.path.join(folder, "rendezvous")
-        mp.spawn(worker, args=(cp_size, rendezvous, options, comm_type, results), nprocs=cp_size, join=True)
-        per_rank = [results[rank] for rank in range(cp_size)]
-    seconds = max(elapsed for elapsed, _ in per_rank)
-    tokens_per_second = seq_length * options.batch * options.iters / seconds
-    peaks = "/".join(f"{peak:.0f}" for _, peak in per_rank)
+    flags = [
+        *MODEL_FLAGS, "--seq-length", seq_length, "--max-position-embeddings", seq_length,
+        "--context-parallel-size", cp_size, "--cp-comm-type", comm_type,
+        "--bench-iters", options.bench_iters, "--bench-warmup", options.bench_warmup,
+    ]
+    threads = max(1, len(os.sched_getaffinity(0)) // cp_size)
+    ranks = parallel_bench.run_ranks(cp_size, flags, threads=threads)
+    layout = f"cp_bench | seq {seq_length:6d} | CP {cp_size} | {comm_type if cp_size > 1 else '-':10s}"
+    if isinstance(ranks, str):
+        return f"{layout} | failed: {ranks}"
+    peak, growth = (parallel_bench.per_rank(ranks, key, "{:.0f}", scale=1024) for key in ("peak_gib", "growth_gib"))
     return (
-        f"cp_bench | seq {seq_length:6d} | CP {cp_size} | {comm_type:10s} | tokens/s {tokens_per_second:9.0f} | "
-        f"peak attention memory per rank (MiB) {peaks}"
+        f"{layout} | tokens/s {float(ranks[0]['tokens/s']):8.1f} | peak memory per rank (MiB) {peak} | "
+        f"growth over model and optimizer per rank (MiB) {growth}"
     )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--seq-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--comm-types", nargs="+", default=list(CP_COMM_TYPES), choices=CP_COMM_TYPES)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=1)
+    parser.add_argument("--comm-types", nargs="+", default=["p2p"], choices=CP_COMM_TYPES)
+    parser.add_argument("--bench-iters", type=int, default=2)
+    parser.add_argument("--bench-warmup", type=int, default=1)
     options = parser.parse_args()
     for seq_length in options.seq_lengths:
         for cp_size in options.cp_sizes:
-            for comm_type in ["sdpa"] if cp_size == 1 else options.comm_types:
+            for comm_type in options.comm_types if cp_size > 1 else options.comm_types[:1]:
                 print(run_layout(options, seq_length, cp_size, comm_type), flush=True)
 
 

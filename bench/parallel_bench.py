@@ -43,8 +43,19 @@ def optimizer_state_bytes(optimizer, model) -> dict:
     return {"moments": size(moments), "masters": size(masters)}
 
 
+def resident_gib(device: str) -> float:
+    """Memory held now, the counterpart of peak_memory_gib: allocated tensors on CUDA, resident set on CPU."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**30
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def worker(flags):
-    """One rank: train_bench's warm-up and timed steps, then this rank's figures on one line."""
+    """One rank: train_bench's warm-up and timed steps, then this rank's figures on one line (growth_gib: the
+    peak over the memory held once the model and optimizer exist, i.e. activations, gradients and Adam state)."""
     sys.path.insert(0, BENCH_DIR)
     import torch.distributed as dist
     import train_bench
@@ -59,36 +70,52 @@ def worker(flags):
     update_train_iters(args)
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider)
     batches = train_bench.random_batches(args)
+    before_steps = resident_gib(args.device)
     train_bench.run_steps(args.bench_warmup, model, optimizer, scheduler, batches)
     seconds = train_bench.run_steps(args.bench_iters, model, optimizer, scheduler, batches)
     tokens_per_second = args.global_batch_size * args.seq_length * len(seconds) / sum(seconds)
     state = optimizer_state_bytes(optimizer, model)
-    print(
-        f"parallel_bench_rank {dist.get_rank()} | tokens/s {tokens_per_second:.1f} | peak_gib {peak_memory_gib(args.device):.3f} "
-        f"| moments {state['moments']} | masters {state['masters']}",
-        flush=True,
+    peak = peak_memory_gib(args.device)
+    # One write per line: the ranks share the launcher's stdout, and print's separate newline can interleave.
+    sys.stdout.write(
+        f"parallel_bench_rank {dist.get_rank()} | tokens/s {tokens_per_second:.1f} | peak_gib {peak:.3f} "
+        f"| growth_gib {peak - before_steps:.3f} | moments {state['moments']} | masters {state['masters']}\n"
     )
+    sys.stdout.flush()
     dist.destroy_process_group()
+
+
+def run_ranks(nproc, flags, threads=None):
+    """The worker on `nproc` ranks under torchrun (OMP_NUM_THREADS `threads`, by default the environment's or
+    1): each rank's fields ({"tokens/s": "...", "peak_gib": ...}) in rank order, or the error's last line."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        os.path.abspath(__file__), "--worker", *map(str, flags),
+    ]
+    threads = str(threads or os.environ.get("OMP_NUM_THREADS", "1"))
+    environment = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=REPO_ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO_ROOT)
+    ranks = sorted((int(rank), dict(field.split(" ", 1) for field in rest.split(" | "))) for rank, rest in RESULT_LINE.findall(result.stdout))
+    if result.returncode != 0 or len(ranks) != nproc:
+        return (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
+    return [fields for _, fields in ranks]
+
+
+def per_rank(ranks, key, fmt, scale=1.0) -> str:
+    """One figure (times `scale`) of every rank, joined with '/'."""
+    return "/".join(fmt.format(float(fields[key]) * scale) for fields in ranks)
 
 
 def run_layout(name, bench_flags):
     nproc, layout_flags = LAYOUTS[name]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(29500 + os.getpid() % 1000), os.path.abspath(__file__), "--worker",
-        *MODEL_FLAGS, *layout_flags, *bench_flags,
-    ]
-    environment = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=REPO_ROOT)
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO_ROOT)
-    ranks = sorted((int(rank), dict(field.split(" ", 1) for field in rest.split(" | "))) for rank, rest in RESULT_LINE.findall(result.stdout))
-    if result.returncode != 0 or len(ranks) != nproc:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"parallel_bench | {name:12s} | failed: {last}"
-    per_rank = lambda key, fmt: "/".join(fmt.format(float(fields[key])) for _, fields in ranks)  # noqa: E731
+    ranks = run_ranks(nproc, [*MODEL_FLAGS, *layout_flags, *bench_flags])
+    if isinstance(ranks, str):
+        return f"parallel_bench | {name:12s} | failed: {ranks}"
     return (
-        f"parallel_bench | {name:12s} | {nproc} ranks | tokens/s: {float(ranks[0][1]['tokens/s']):.1f} | "
-        f"peak memory per rank (GiB): {per_rank('peak_gib', '{:.3f}')} | Adam moments per rank (bytes): "
-        f"{per_rank('moments', '{:.0f}')} | fp32 masters per rank (bytes): {per_rank('masters', '{:.0f}')}"
+        f"parallel_bench | {name:12s} | {nproc} ranks | tokens/s: {float(ranks[0]['tokens/s']):.1f} | "
+        f"peak memory per rank (GiB): {per_rank(ranks, 'peak_gib', '{:.3f}')} | "
+        f"Adam moments per rank (bytes): {per_rank(ranks, 'moments', '{:.0f}')} | "
+        f"fp32 masters per rank (bytes): {per_rank(ranks, 'masters', '{:.0f}')}"
     )
 
 

@@ -6,7 +6,7 @@ Megatron's load-balanced layout: the sequence is cut into 2 x CP chunks and CP r
 (`--cp-comm-type`):
 
 - `all_gather`: keys/values are all-gathered (their gradients reduce-scattered back) and each local query chunk
-  attends to the keys before it;
+  attends to the keys before it, in the ring's blocks and query tiles (no [s/CP, s] score matrix is kept);
 - `p2p` (ring): key/value blocks travel around the ring while the block in hand is attended to; partial results
   merge by their log-sum-exp, fully masked blocks are skipped, and the backward sends dK/dV around the ring;
 - `a2a` (Ulysses): an all-to-all trades the sequence split for a head split, every rank attends over the whole
@@ -24,7 +24,8 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.moe.moe_utils import all_to_all
 
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
-# Query rows per tile of the ring's block attention: bounds its fp32 scores to QUERY_TILE x keys per head.
+# Query rows per tile of the block attention (ring and all_gather): bounds its fp32 scores to QUERY_TILE x keys
+# per head.
 QUERY_TILE = 1024
 _KEY_VALUE_TAG = 0
 _GRADIENT_TAG = 1
@@ -69,38 +70,38 @@ def context_parallel_attention(
         return _all_gather_attention(query, key, value, cp_group, scale)
     if comm_type == "a2a":
         return _all_to_all_attention(query, key, value, cp_group, scale)
-    # [s, b, n, d] -> [b, groups, heads per group, s, d], the layout of the ring's block attention.
-    groups = key.size(2)
-    query_blocks = query.permute(1, 2, 0, 3).unflatten(1, (groups, -1))
-    key_blocks, value_blocks = (tensor.permute(1, 2, 0, 3).unsqueeze(2) for tensor in (key, value))
-    context = _RingAttention.apply(query_blocks, key_blocks, value_blocks, cp_group, scale)
+    context = _RingAttention.apply(*_to_block_layout(query, key, value), cp_group, scale)
     return context.flatten(1, 2).permute(2, 0, 1, 3)
 
 
 def _all_gather_attention(query, key, value, group, scale: float) -> torch.Tensor:
-    """Gather keys/values in global order, then attend with each local chunk to the keys up to its end."""
+    """Gather keys/values in global order (their gradients reduce-scattered back), then attend with each local
+    chunk to the keys up to its end, block by block like the ring (scores bounded to query tiles)."""
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
-    chunk = query.size(0) // 2
     key_value = gather_from_sequence_parallel_region(torch.cat((key, value), dim=-1), True, group)
     key_value = _rank_major_to_global(key_value, cp_size)
     key_all, value_all = key_value.split((key.size(-1), value.size(-1)), dim=-1)
-    # [s, b, n, d] -> [b, n, s, d]
-    query, key_all, value_all = (tensor.permute(1, 2, 0, 3) for tensor in (query, key_all, value_all))
-    outputs = []
-    for chunk_index, query_chunk in zip((cp_rank, 2 * cp_size - 1 - cp_rank), query.chunk(2, dim=2)):
-        visible = (chunk_index + 1) * chunk
-        keep = _causal_keep_mask(chunk_index * chunk, chunk, visible, query.device)
-        outputs.append(
-            F.scaled_dot_product_attention(
-                query_chunk,
-                key_all[:, :, :visible],
-                value_all[:, :, :visible],
-                attn_mask=keep,
-                scale=scale,
-                enable_gqa=query.size(1) != key_all.size(1),
-            )
-        )
-    return torch.cat(outputs, dim=2).permute(2, 0, 1, 3)
+    query_blocks, key_blocks, value_blocks = _to_block_layout(query, key_all, value_all)
+    context = _GatheredAttention.apply(query_blocks, key_blocks, value_blocks, cp_rank, scale)
+    return context.flatten(1, 2).permute(2, 0, 1, 3)
+
+
+def _to_block_layout(query, key, value):
+    """[s, b, n, d] -> query [b, groups, heads per group, s, d], key/value [b, groups, 1, s, d]: the layout of
+    the block attention."""
+    query = query.permute(1, 2, 0, 3).unflatten(1, (key.size(2), -1))
+    key, value = (tensor.permute(1, 2, 0, 3).unsqueeze(2) for tensor in (key, value))
+    return query, key, value
+
+
+def _gathered_blocks(cp_rank: int, cp_size: int, chunk: int):
+    """(local query rows, global key rows, causal) of the blocks a rank's two chunks see among the gathered
+    keys: each chunk's own keys (causal, first: it covers every row of the chunk), then all keys before it."""
+    for local_start, chunk_index in ((0, cp_rank), (chunk, 2 * cp_size - 1 - cp_rank)):
+        rows = slice(local_start, local_start + chunk)
+        yield rows, slice(chunk_index * chunk, (chunk_index + 1) * chunk), True
+        if chunk_index:
+            yield rows, slice(0, chunk_index * chunk), False
 
 
 def _all_to_all_attention(query, key, value, group, scale: float) -> torch.Tensor:
@@ -154,12 +155,6 @@ def _global_to_rank_major(tensor, cp_size: int) -> torch.Tensor:
     """Inverse of _rank_major_to_global."""
     halves = tensor.unflatten(0, (2, cp_size, -1))
     return torch.stack((halves[0], halves[1].flip(0)), dim=1).flatten(0, 2)
-
-
-def _causal_keep_mask(query_start: int, query_length: int, key_length: int, device) -> torch.Tensor:
-    """True where the query at global position query_start + i may attend to the key at global position j."""
-    query_positions = torch.arange(query_start, query_start + query_length, device=device).unsqueeze(-1)
-    return query_positions >= torch.arange(key_length, device=device)
 
 
 class _Ring:
@@ -242,10 +237,16 @@ def _block_attention(query, key, value, scale: float, causal: bool):
     return torch.cat(outputs, dim=-2), torch.cat(lses, dim=-1)
 
 
-def _add_block_gradients(query, key, value, grad_output, lse, delta, scale: float, causal: bool, grads) -> None:
-    """Add one block's (dq, dk, dv) into the fp32 `grads`, tile by tile, the probabilities recomputed from the
-    rows' final log-sum-exp; `delta` is the row sum of grad_output x output (the softmax's backward term)."""
-    grad_query, grad_key, grad_value = grads
+def _add_block_gradients(block, query, key, value, grad_output, lse, delta, scale: float, grads) -> None:
+    """Add the (dq, dk, dv) of one block (query rows, key rows, causal) into the fp32 `grads` (shaped like query,
+    key, value), tile by tile, the probabilities recomputed from the rows' final log-sum-exp; `delta` is the row
+    sum of grad_output x output (the softmax's backward term)."""
+    block_rows, block_keys, causal = block
+    query, grad_output = query[..., block_rows, :], grad_output[..., block_rows, :]
+    lse, delta = lse[..., block_rows], delta[..., block_rows]
+    key, value = key[..., block_keys, :], value[..., block_keys, :]
+    grad_query = grads[0][..., block_rows, :]
+    grad_key, grad_value = grads[1][..., block_keys, :], grads[2][..., block_keys, :]
     for rows, keys, causal_offset in _query_tiles(query.size(-2), causal):
         tile_query, tile_key, tile_value = query[..., rows, :], key[..., keys, :], value[..., keys, :]
         tile_grad_output = grad_output[..., rows, :]
@@ -262,7 +263,7 @@ def _add_block_gradients(query, key, value, grad_output, lse, delta, scale: floa
 
 
 def _ring_blocks(ring: _Ring, key, value):
-    """For each step of one turn: (step, local query rows, source key rows, causal, source keys, source values).
+    """For each step of one turn: (step, (local query rows, source key rows, causal), source keys, source values).
     The next source's keys/values are on their way while the caller works on the block in hand."""
     chunk = key.size(-2) // 2
     key_value = _packed(key, value)
@@ -271,7 +272,7 @@ def _ring_blocks(ring: _Ring, key, value):
             receive_key_value = ring.shift(key_value, _KEY_VALUE_TAG)
         block_key, block_value = _unpacked(key_value, key.shape, value.shape)
         rows, keys, causal = _visible_block((ring.rank - step) % ring.size, ring.rank, chunk)
-        yield step, rows, keys, causal, block_key[..., keys, :], block_value[..., keys, :]
+        yield step, (rows, keys, causal), block_key, block_value
         if step + 1 < ring.size:
             key_value = receive_key_value()
 
@@ -281,8 +282,10 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, group, scale):
-        for step, rows, _, causal, block_key, block_value in _ring_blocks(_Ring(group), key, value):
-            block_output, block_lse = _block_attention(query[..., rows, :], block_key, block_value, scale, causal)
+        for step, (rows, keys, causal), block_key, block_value in _ring_blocks(_Ring(group), key, value):
+            block_output, block_lse = _block_attention(
+                query[..., rows, :], block_key[..., keys, :], block_value[..., keys, :], scale, causal
+            )
             if step == 0:  # the own block covers every local query
                 output, lse = block_output, block_lse
             else:
@@ -299,27 +302,51 @@ class _RingAttention(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         delta = (grad_output.float() * output.float()).sum(-1)
         grad_query = torch.zeros_like(query, dtype=torch.float32)
-        for step, rows, keys, causal, block_key, block_value in _ring_blocks(ring, key, value):
+        for step, block, block_key, block_value in _ring_blocks(ring, key, value):
             # The held block's dK/dV travel with it: add this rank's share to what the ranks before added.
             grad_key_value = torch.zeros(key.numel() + value.numel(), dtype=torch.float32, device=key.device)
-            grad_key, grad_value = _unpacked(grad_key_value, key.shape, value.shape)
-            _add_block_gradients(
-                query[..., rows, :],
-                block_key,
-                block_value,
-                grad_output[..., rows, :],
-                lse[..., rows],
-                delta[..., rows],
-                scale,
-                causal,
-                (grad_query[..., rows, :], grad_key[..., keys, :], grad_value[..., keys, :]),
-            )
+            grads = (grad_query, *_unpacked(grad_key_value, key.shape, value.shape))
+            _add_block_gradients(block, query, block_key, block_value, grad_output, lse, delta, scale, grads)
             if step > 0:
                 grad_key_value += receive_grad_key_value()
             receive_grad_key_value = ring.shift(grad_key_value, _GRADIENT_TAG)
         # After a full turn each block's gradient is back on the rank that owns it.
         grad_key, grad_value = _unpacked(receive_grad_key_value(), key.shape, value.shape)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+class _GatheredAttention(torch.autograd.Function):
+    """Attention of a rank's chunks (query [b, groups, heads per group, s/CP, d_qk]) over the gathered keys and
+    values ([b, groups, 1, s, d], global order), block by block; the backward recomputes each block's tiles."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cp_rank, scale):
+        chunk = query.size(-2) // 2
+        blocks = list(_gathered_blocks(cp_rank, key.size(-2) // query.size(-2), chunk))
+        output = query.new_empty(*query.shape[:-1], value.size(-1), dtype=torch.float32)
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        for rows, keys, causal in blocks:
+            block_output, block_lse = _block_attention(
+                query[..., rows, :], key[..., keys, :], value[..., keys, :], scale, causal
+            )
+            if causal:  # a chunk's own block comes first
+                output[..., rows, :], lse[..., rows] = block_output, block_lse
+            else:
+                _merge(output[..., rows, :], lse[..., rows], block_output, block_lse)
+        output = output.to(query.dtype)
+        ctx.save_for_backward(query, key, value, output, lse)
+        ctx.blocks, ctx.scale = blocks, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, lse = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        delta = (grad_output.float() * output.float()).sum(-1)
+        grads = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in (query, key, value)]
+        for block in ctx.blocks:
+            _add_block_gradients(block, query, key, value, grad_output, lse, delta, ctx.scale, grads)
+        return *(grad.to(tensor.dtype) for grad, tensor in zip(grads, (query, key, value))), None, None
 
 
 def _merge(output, lse, block_output, block_lse) -> None:
