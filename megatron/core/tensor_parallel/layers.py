@@ -44,6 +44,8 @@ def parameter_device(config: ModelParallelConfig) -> torch.device:
 
 
 def default_device(use_cpu_initialization: bool) -> torch.device:
+    if torch.get_default_device().type == "meta":
+        return torch.device("meta")  # a model built for its names and shapes only (under `with torch.device("meta")`)
     if use_cpu_initialization or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
