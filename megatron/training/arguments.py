@@ -434,6 +434,15 @@ def _check_checkpointing(args):
         "--keep-last-checkpoints must be at least 1",
     )
     _require(args.keep_last_checkpoints is None or args.save is not None, "--keep-last-checkpoints needs --save DIR")
+    _require(
+        not args.async_save or args.ckpt_format == "torch_dist",
+        "--async-save needs --ckpt-format torch_dist (torch-format saves are synchronous)",
+    )
+    _require(
+        not args.save_safetensors or args.ckpt_format == "torch",
+        "--save-safetensors writes torch-format rank files; use --ckpt-format torch, or convert a torch_dist "
+        "checkpoint with tools/checkpoint/convert.py",
+    )
 
 
 def _check_device(args):
@@ -681,8 +690,32 @@ def _add_checkpointing_args(parser):
         "--ckpt-format",
         type=str,
         default="torch",
-        choices=["torch"],
-        help="Checkpoint format: torch (one model_optim_rng.pt per model-parallel rank).",
+        choices=["torch", "torch_dist"],
+        help="Checkpoint format to save and load: torch (one model_optim_rng.pt per model-parallel rank) or "
+        "torch_dist (Megatron's distributed format: global tensors that load at any parallel layout).",
+    )
+    group.add_argument(
+        "--auto-detect-ckpt-format",
+        action="store_true",
+        help="Load whichever format --load holds (torch_dist is recognised by its metadata.json).",
+    )
+    group.add_argument(
+        "--async-save",
+        action="store_true",
+        help="torch_dist: write checkpoints in the background while training continues; a checkpoint becomes "
+        "the latest once every rank's files are complete.",
+    )
+    group.add_argument(
+        "--ckpt-fully-parallel-save",
+        action="store_true",
+        default=True,
+        help="torch_dist: every rank writes a share of the replicated tensors (always on; accepted for Megatron-LM).",
+    )
+    group.add_argument(
+        "--no-ckpt-fully-parallel-save",
+        action="store_false",
+        dest="ckpt_fully_parallel_save",
+        help="Accepted for Megatron-LM; torch_dist saves stay fully parallel.",
     )
     group.add_argument(
         "--save-safetensors",

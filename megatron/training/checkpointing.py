@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.training.arguments import build_parser
 from megatron.training.checkpoint_manifest import MANIFEST_BASENAME, manifest_problem, manifest_text, read_manifest
 from megatron.training.global_vars import get_args
-from megatron.training.safe_load import load_checkpoint_file
+from megatron.core.safe_load import load_checkpoint_file
+from megatron.training.torch_dist_checkpointing import load_torch_dist, save_torch_dist
 from megatron.training.utils import print_rank_0, unwrap_model
 from megatron.core.errors import UserError
 
@@ -37,6 +38,9 @@ RANK_DIRECTORY_NAME = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be saved or loaded; the message names the file and the fix."""
+
+
+_pending_async_save = None  # (iteration, --save, AsyncSaveRequest, --keep-last-checkpoints) of --async-save
 
 
 def _parallel_ranks():
@@ -374,13 +378,25 @@ def _write_rank_files(checkpoint_name: str, state_dict: dict, distributed_optimi
 
 
 def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far=0):
-    """Write iteration `iteration` under --save; the tracker names it only after every rank finished."""
+    """Write iteration `iteration` under --save in --ckpt-format; the tracker names it only after every rank
+    finished (with --async-save, in a later maybe_finalize_async_save)."""
     args = get_args()
-    rank, _ = _rank_and_world()
+    maybe_finalize_async_save(blocking=True)
     rng_state = None if args.no_save_rng else get_rng_state(args.data_parallel_random_init, args.device)
-    checkpoint_name = get_checkpoint_name(args.save, iteration)
-    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
+    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save} in {args.ckpt_format} format")
     optimizer.finish_param_sync()
+    if args.ckpt_format == "torch_dist":
+        if not _save_torch_dist(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far, rng_state):
+            return
+    else:
+        _save_torch_format(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far, rng_state)
+    publish_checkpoint(args.save, iteration, args.keep_last_checkpoints)
+    print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
+
+
+def _save_torch_format(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far, rng_state):
+    args = get_args()
+    checkpoint_name = get_checkpoint_name(args.save, iteration)
     # A collective over the data-parallel group: every rank contributes its optimizer shard.
     distributed_optimizer_state = (
         optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None
@@ -399,13 +415,66 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
         if rng_state is not None:
             state_dict["rng_state"] = rng_state
         _write_rank_files(checkpoint_name, state_dict, distributed_optimizer_state, args.save_safetensors)
+
+
+def _save_torch_dist(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far, rng_state) -> bool:
+    """Write the torch_dist directory; False when --async-save left it to finish in the background."""
+    global _pending_async_save
+    args = get_args()
+    directory = get_checkpoint_name(args.save, iteration, return_base_dir=True)
+    if _rank_and_world()[0] == 0 and os.path.exists(directory):
+        shutil.rmtree(directory)  # re-saving an iteration: its old files must not mix with the new ones
     _barrier()
-    if rank == 0:
-        write_tracker(args.save, iteration)
-        if args.keep_last_checkpoints:
-            _delete_old_checkpoints(args.save, iteration, args.keep_last_checkpoints)
+    common_state = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
+    }
+    if not args.no_save_optim:
+        common_state["optimizer"] = {"hyperparameters": optimizer.hyperparameter_state()}
+        common_state["opt_param_scheduler"] = opt_param_scheduler.state_dict()
+    try:
+        request = save_torch_dist(directory, common_state, model, optimizer, rng_state, args, args.async_save)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise CheckpointError(f"no space left on {args.save} while saving iteration {iteration}: free disk space or choose another --save; the previous checkpoint is intact") from None
+        raise
+    if request is None:
+        return True
+    _pending_async_save = (iteration, args.save, request, args.keep_last_checkpoints)
+    print_rank_0(f"  writing checkpoint of iteration {iteration:7d} in the background (--async-save)")
+    return False
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    return _reduce_across_ranks(int(flag), dist.ReduceOp.MIN) == 1
+
+
+def maybe_finalize_async_save(blocking: bool = False) -> None:
+    """Complete a pending --async-save once every rank's blocks are written (waiting for them when `blocking`):
+    metadata.json, then the tracker. Every rank calls it (the training loop once per iteration)."""
+    global _pending_async_save
+    if _pending_async_save is None:
+        return
+    iteration, save_dir, request, keep = _pending_async_save
+    if not blocking and not _all_ranks_true(request.done()):
+        return
+    _pending_async_save = None
+    request.finalize()
     _barrier()
-    print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
+    publish_checkpoint(save_dir, iteration, keep)
+    print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {save_dir} (asynchronously)")
+
+
+def publish_checkpoint(save_dir: str, iteration: int, keep_last) -> None:
+    """Once every rank's files are complete: name `iteration` in the tracker, then apply --keep-last-checkpoints."""
+    _barrier()
+    if _rank_and_world()[0] == 0:
+        write_tracker(save_dir, iteration)
+        if keep_last:
+            _delete_old_checkpoints(save_dir, iteration, keep_last)
+    _barrier()
 
 
 def _saved_iterations(checkpoints_path: str) -> list:
@@ -453,6 +522,18 @@ def _rank_directory_problem(checkpoint_name: str) -> "str | None":
     return None if problem is None else f"{directory}: {problem}"
 
 
+def _torch_dist_problem(directory: str) -> "str | None":
+    """Why a torch_dist directory cannot be loaded (incomplete, or a data file lost or cut short), or None."""
+    if not dist_checkpointing.check_is_distributed_checkpoint(directory):
+        return f"{directory} has no valid metadata.json (its save did not complete)"
+    try:
+        metadata = dist_checkpointing.read_checkpoint_metadata(directory)
+        dist_checkpointing.serialization.check_storage_files(directory, metadata)
+    except UserError as error:
+        return str(error)
+    return None
+
+
 def _verify_checkpoint(checkpoints_path: str, checkpoint_name: str, iteration: int) -> None:
     """Compare this rank's files with the manifest written when they were saved."""
     directory = os.path.dirname(checkpoint_name)
@@ -472,7 +553,11 @@ def _newest_healthy_iteration(checkpoints_path: str, latest: int) -> int:
     """--auto-resume: `latest` if every rank's files are healthy, else the newest older iteration that is."""
     problems = []
     for iteration in sorted({latest, *(it for it in _saved_iterations(checkpoints_path) if it < latest)}, reverse=True):
-        problem = _rank_directory_problem(get_checkpoint_name(checkpoints_path, iteration))
+        directory = get_checkpoint_name(checkpoints_path, iteration, return_base_dir=True)
+        if _rank_directory_names(directory):
+            problem = _rank_directory_problem(get_checkpoint_name(checkpoints_path, iteration))
+        else:
+            problem = _torch_dist_problem(directory)
         if _reduce_across_ranks(int(problem is None), dist.ReduceOp.MIN) == 1:
             if problems:
                 print_rank_0(
@@ -527,12 +612,14 @@ def _locate_checkpoint(checkpoints_path: str, ckpt_step, exit_on_missing: bool):
     return read_metadata(tracker)
 
 
-def _describe_mismatch(checkpoint_args, args) -> str:
+def _describe_mismatch(checkpoint_args, args, layout_args=PARALLEL_LAYOUT_ARGS) -> str:
     """The model flags whose values differ between the checkpoint and this run, as one sentence
     (--override-checkpoint-args: the parallel layout only)."""
     differences = []
     model_args = () if args.override_checkpoint_args else MODEL_SHAPING_ARGS + MODEL_MATHS_ARGS
-    for name in model_args + PARALLEL_LAYOUT_ARGS:
+    if not layout_args:  # the vocabulary's padding follows the tensor-parallel size
+        model_args = tuple(name for name in model_args if name != "padded_vocab_size")
+    for name in model_args + layout_args:
         if hasattr(checkpoint_args, name) and hasattr(args, name):
             saved, current = getattr(checkpoint_args, name), getattr(args, name)
             if saved != current:
@@ -555,9 +642,12 @@ def _check_model_stack(checkpoint_name: str, checkpoint_args, args) -> None:
     )
 
 
-def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args) -> None:
-    _check_model_stack(checkpoint_name, checkpoint_args, args)
-    mismatch = _describe_mismatch(checkpoint_args, args)
+def _check_checkpoint_args(checkpoint_name: str, checkpoint_args, args, any_layout: bool = False) -> None:
+    """The saved model flags must match this run's; `any_layout` (torch_dist): the parallel layout and the stack
+    may differ, since the checkpoint holds global tensors under one set of names."""
+    if not any_layout:
+        _check_model_stack(checkpoint_name, checkpoint_args, args)
+    mismatch = _describe_mismatch(checkpoint_args, args, () if any_layout else PARALLEL_LAYOUT_ARGS)
     if not mismatch:
         return
     layout_changed = any(
@@ -657,10 +747,13 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
         print_rank_0(f"WARNING: no checkpoint found in {checkpoints_path}; training starts from random weights")
         return 0, 0
     iteration, release = located
-    _check_saved_layout(get_checkpoint_name(checkpoints_path, iteration, release, return_base_dir=True), args)
     verified = False
     if args.auto_resume and not release and args.ckpt_step is None:
         iteration, verified = _newest_healthy_iteration(checkpoints_path, iteration), True
+    directory = get_checkpoint_name(checkpoints_path, iteration, release, return_base_dir=True)
+    if _checkpoint_format(directory, args) == "torch_dist":
+        return _load_torch_dist_checkpoint(model, optimizer, opt_param_scheduler, checkpoints_path, directory, release)
+    _check_saved_layout(directory, args)
     checkpoint_name = get_checkpoint_name(checkpoints_path, iteration, release)
     if args.verify_checkpoint and not verified:
         _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)
@@ -709,6 +802,55 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
     return iteration, state_dict.get("num_floating_point_operations_so_far", 0)
 
 
+def _checkpoint_format(directory: str, args) -> str:
+    """The format of the checkpoint directory `directory`: --ckpt-format's, or what the files say with
+    --auto-detect-ckpt-format; a directory of the other format is one clear error."""
+    is_torch_dist = dist_checkpointing.check_is_distributed_checkpoint(directory)
+    is_torch = bool(_rank_directory_names(directory))
+    if args.auto_detect_ckpt_format:
+        return "torch_dist" if is_torch_dist or not is_torch else "torch"
+    if args.ckpt_format == "torch" and is_torch_dist and not is_torch:
+        raise CheckpointError(
+            f"{directory} is a torch_dist checkpoint but this run loads --ckpt-format torch; pass --ckpt-format "
+            "torch_dist or --auto-detect-ckpt-format"
+        )
+    if args.ckpt_format == "torch_dist" and is_torch and not is_torch_dist:
+        raise CheckpointError(
+            f"{directory} is a torch-format checkpoint (mp_rank_* files) but this run loads --ckpt-format "
+            "torch_dist; pass --ckpt-format torch or --auto-detect-ckpt-format (or convert it with "
+            "tools/checkpoint/convert.py --save-ckpt-format torch_dist)"
+        )
+    return args.ckpt_format
+
+
+def _load_torch_dist_checkpoint(model, optimizer, opt_param_scheduler, checkpoints_path: str, directory: str, release: bool):
+    """load_checkpoint for a torch_dist directory, at any parallel layout."""
+    args = get_args()
+    weights_only = args.finetune or release
+    load_optimizer = not (weights_only or args.no_load_optim)
+    load_rng = not (weights_only or args.no_load_rng)
+    common = load_torch_dist(
+        model, optimizer, directory, args, load_optimizer, load_rng,
+        lambda saved_args: _check_checkpoint_args(directory, saved_args, args, any_layout=True),
+    )
+    checkpoint_args = common.get("args")
+    iteration = 0 if weights_only else common["iteration"]
+    if not weights_only and checkpoint_args is not None:
+        args.consumed_train_samples = getattr(checkpoint_args, "consumed_train_samples", 0)
+        args.skipped_train_samples = getattr(checkpoint_args, "skipped_train_samples", 0)
+        args.consumed_valid_samples = getattr(checkpoint_args, "consumed_valid_samples", 0)
+    if load_optimizer:
+        try:
+            opt_param_scheduler.load_state_dict(common["opt_param_scheduler"])
+        except ValueError as error:
+            raise CheckpointError(f"cannot resume from {directory}: {error}") from None
+    if load_rng and common["rng_state"] is not None:
+        _restore_rng_state(common["rng_state"], args.data_parallel_random_init)
+    _barrier()
+    print_rank_0(f"  successfully loaded checkpoint from {checkpoints_path} at iteration {iteration} (torch_dist)")
+    return iteration, common.get("num_floating_point_operations_so_far", 0)
+
+
 def _restore_rng_state(rng_states: list, data_parallel_random_init: bool) -> None:
     index = parallel_state.get_data_parallel_rank() if data_parallel_random_init else 0
     if index >= len(rng_states):
@@ -726,14 +868,18 @@ def load_args_from_checkpoint(args, load_arg: str = "load") -> None:
     checkpoints_path = getattr(args, load_arg)
     located = _locate_checkpoint(checkpoints_path, args.ckpt_step, exit_on_missing=True)
     iteration, release = located
-    checkpoint_name = get_checkpoint_name(
-        checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1, tensor_rank=0,
-        pipeline_rank=0, expert_parallel=args.expert_model_parallel_size > 1, expert_rank=0,
-    )
-    if args.verify_checkpoint:
-        _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)
-    state_dict = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration)
-    checkpoint_args = state_dict.get("args")
+    directory = get_checkpoint_name(checkpoints_path, iteration, release, return_base_dir=True)
+    if _checkpoint_format(directory, args) == "torch_dist":
+        checkpoint_name = directory
+        checkpoint_args = dist_checkpointing.load_common_state_dict(directory).get("args")
+    else:
+        checkpoint_name = get_checkpoint_name(
+            checkpoints_path, iteration, release, pipeline_parallel=args.pipeline_model_parallel_size > 1,
+            tensor_rank=0, pipeline_rank=0, expert_parallel=args.expert_model_parallel_size > 1, expert_rank=0,
+        )
+        if args.verify_checkpoint:
+            _verify_checkpoint(checkpoints_path, checkpoint_name, iteration)
+        checkpoint_args = _read_checkpoint_file(checkpoints_path, checkpoint_name, iteration).get("args")
     if checkpoint_args is None:
         raise CheckpointError(f"{checkpoint_name} holds no saved arguments; give the model flags instead of --use-checkpoint-args")
     for name in CHECKPOINT_DEFAULT_ARGS:

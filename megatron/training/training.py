@@ -28,7 +28,7 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.errors import UserError
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron.training.checkpointing import load_checkpoint, maybe_finalize_async_save, save_checkpoint
 from megatron.training.flops import num_floating_point_operations
 from megatron.training.global_vars import (
     destroy_global_vars,
@@ -158,6 +158,7 @@ def _pretrain(
         print_datetime("after training is done")
         if args.save and iteration != 0 and iteration != args.last_saved_iteration:
             save_checkpoint(iteration, model, optimizer, opt_param_scheduler, args.num_floating_point_operations_so_far)
+        maybe_finalize_async_save(blocking=True)
     if exited_early:
         return
     if valid_iterator is not None and args.eval_iters > 0:
@@ -501,7 +502,9 @@ def train(
                     process_non_loss_data_func,
                 )
             if checkpoint_and_decide_exit(model, optimizer, opt_param_scheduler, iteration):
+                maybe_finalize_async_save(blocking=True)
                 return iteration, True
+            maybe_finalize_async_save(blocking=False)
     return iteration, False
 
 

@@ -35,7 +35,7 @@ from megatron.training.checkpointing import (
 )
 from megatron.training.arguments import ModelArgumentsError, model_flag_parser, validate_model_args
 from megatron.training.model_config import core_transformer_config_from_args
-from megatron.training.safe_load import load_checkpoint_file
+from megatron.core.safe_load import load_checkpoint_file
 from megatron.training.tokenizer import vocab_size_with_padding
 from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
 

@@ -269,17 +269,16 @@ class DistributedOptimizer(MegatronOptimizer):
     def _local_values(self, entry: _ShardEntry, key: str) -> torch.Tensor:
         return entry.master.detach() if key == "param" else self.optimizer.state[entry.master][key]
 
-    def gather_parameter_state(self) -> Optional[dict]:
-        """The full fp32 masters and optimizer state of this model-parallel rank, in unpadded parameter order;
-        a collective over the (expert) data-parallel groups, returned only on the ranks that write checkpoints
-        (None elsewhere)."""
+    def _gathered_buckets(self):
+        """For every bucket, the whole fp32 masters and optimizer state of its parameters: [(buffer, bucket,
+        {key: flat tensor over the bucket})]; a collective over each buffer's (expert) data-parallel group."""
         self.finish_param_sync()
         keys = self._sharded_state_keys()
-        buffers_state = []
+        gathered = []
         for buffer in self._buffers():
-            pieces = {key: [] for key in keys}
             for bucket in buffer.buckets:
                 shard_start, shard_end = bucket.shard_range(buffer.data_parallel_rank)
+                values = {}
                 for key in keys:
                     shard = torch.zeros(shard_end - shard_start, dtype=torch.float32, device=bucket.grad_data.device)
                     for entry in self.entries:
@@ -289,13 +288,58 @@ class DistributedOptimizer(MegatronOptimizer):
                     full = shard
                     if buffer.data_parallel_world_size > 1:
                         full = self._all_gather(buffer, shard, bucket.grad_data.numel())
-                    for param in bucket.params:
-                        start, end, _ = buffer.param_index_map[param]
-                        pieces[key].append(full[start - bucket.offset : end - bucket.offset])
-            buffers_state.append({key: torch.cat(values) for key, values in pieces.items()})
+                    values[key] = full
+                gathered.append((buffer, bucket, values))
+        return gathered
+
+    def gather_parameter_state(self) -> Optional[dict]:
+        """The full fp32 masters and optimizer state of this model-parallel rank, in unpadded parameter order;
+        a collective over the (expert) data-parallel groups, returned only on the ranks that write checkpoints
+        (None elsewhere)."""
+        buffers_state, pieces, current = [], None, None
+        for buffer, bucket, values in self._gathered_buckets():
+            if buffer is not current:
+                if pieces is not None:
+                    buffers_state.append({key: torch.cat(parts) for key, parts in pieces.items()})
+                pieces, current = {key: [] for key in values}, buffer
+            for param in bucket.params:
+                start, end, _ = buffer.param_index_map[param]
+                for key, full in values.items():
+                    pieces[key].append(full[start - bucket.offset : end - bucket.offset])
+        if pieces is not None:
+            buffers_state.append({key: torch.cat(parts) for key, parts in pieces.items()})
         if not self._writes_checkpoints():
             return None
         return {"version": PARAMETER_STATE_VERSION, "buffers": buffers_state, "scalars": self._scalar_state()}
+
+    def param_state_for_checkpoint(self) -> Dict[torch.nn.Parameter, Dict[str, torch.Tensor]]:
+        """Every model parameter's whole masters and state (gathered over data-parallel ranks: a collective)."""
+        states = {}
+        for buffer, bucket, values in self._gathered_buckets():
+            for param in bucket.params:
+                start, end, _ = buffer.param_index_map[param]
+                states[param] = {
+                    key: full[start - bucket.offset : end - bucket.offset].view(param.shape) for key, full in values.items()
+                }
+        return states
+
+    def checkpoint_scalars(self) -> dict:
+        return self._scalar_state()
+
+    def load_param_state_from_checkpoint(self, states: Dict[torch.nn.Parameter, Dict[str, torch.Tensor]], hyperparameters: dict) -> None:
+        """Take this rank's slices of every parameter's whole saved state, then refresh the model weights."""
+        self.finish_param_sync()
+        scalars = hyperparameters["scalars"]
+        with torch.no_grad():
+            for entry in self.entries:
+                saved = {"param": entry.model_param.detach(), **states.get(entry.model_param, {})}
+                flat = {key: value.reshape(-1)[entry.param_start : entry.param_end] for key, value in saved.items()}
+                entry.master.copy_(flat.pop("param"))  # saved without masters: the loaded weights
+                if flat:
+                    state = {key: value.clone() for key, value in flat.items()}
+                    state.update({key: value.clone() if torch.is_tensor(value) else value for key, value in scalars.items()})
+                    self.optimizer.state[entry.master] = state
+        self._all_gather_model_params()
 
     def _writes_checkpoints(self) -> bool:
         """Expert-data-parallel rank 0 writes (each expert-parallel rank its own experts); that is data-parallel

@@ -5,7 +5,7 @@ is skipped (update_successful False, grad_norm None) and the loss scale backs of
 """
 
 from abc import ABC, abstractmethod
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -103,6 +103,66 @@ class MegatronOptimizer(ABC):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore `state_dict()`."""
 
+    # Per-parameter state for checkpoints that store it sharded like the model (torch_dist): each model
+    # parameter's fp32 master ("param", when it is a separate copy) and element-wise optimizer state
+    # (exp_avg, exp_avg_sq), whole and in the parameter's shape, whatever the optimizer's own sharding.
+
+    def _model_and_master_params(self) -> List[Tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """(model parameter, the tensor the torch optimizer updates for it)."""
+        return [(param, param) for param in self.get_parameters()]
+
+    def param_state_for_checkpoint(self) -> Dict[torch.nn.Parameter, Dict[str, torch.Tensor]]:
+        """{model parameter: {state name: tensor of the parameter's shape}}."""
+        states = {}
+        for model_param, master in self._model_and_master_params():
+            saved = self.optimizer.state.get(master, {})
+            state = {key: value for key, value in saved.items() if torch.is_tensor(value) and value.shape == master.shape}
+            if master is not model_param:
+                state["param"] = master.detach()
+            states[model_param] = state
+        return states
+
+    def checkpoint_scalars(self) -> dict:
+        """Per-parameter scalars of the optimizer (Adam's step), equal for every parameter."""
+        for _, master in self._model_and_master_params():
+            state = self.optimizer.state.get(master, {})
+            return {key: value for key, value in state.items() if not (torch.is_tensor(value) and value.dim() > 0)}
+        return {}
+
+    def load_param_state_from_checkpoint(self, states: Dict[torch.nn.Parameter, Dict[str, torch.Tensor]], hyperparameters: dict) -> None:
+        """Restore `param_state_for_checkpoint()` (parameters missing from `states` keep their state);
+        `hyperparameters` is the saved `hyperparameter_state()`, whose scalars go with every parameter."""
+        scalars = hyperparameters["scalars"]
+        with torch.no_grad():
+            for model_param, master in self._model_and_master_params():
+                state = dict(states.get(model_param, {}))
+                master_values = state.pop("param", model_param)  # saved without masters: the loaded weights
+                if master is not model_param:
+                    master.copy_(master_values)
+                if state:
+                    state.update({key: value.clone() if torch.is_tensor(value) else value for key, value in scalars.items()})
+                    self.optimizer.state[master] = state
+
+    def hyperparameter_state(self) -> dict:
+        """What the optimizer needs besides per-parameter tensors: group hyperparameters and the loss scale."""
+        grad_scaler = getattr(self, "grad_scaler", None)
+        return {
+            "param_groups": [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups],
+            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+            "scalars": self.checkpoint_scalars(),
+        }
+
+    def load_hyperparameter_state(self, state: dict) -> None:
+        if len(state["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"it has {len(state['param_groups'])} parameter groups but this optimizer has {len(self.optimizer.param_groups)}"
+            )
+        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
+            group.update(saved)
+        grad_scaler = getattr(self, "grad_scaler", None)
+        if grad_scaler is not None and state.get("grad_scaler"):
+            grad_scaler.load_state_dict(state["grad_scaler"])
+
 
 def _main_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     """The gradient accumulated for `param`: its DDP buffer slice when wrapped, else `.grad`."""
@@ -196,6 +256,9 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
 
     def get_loss_scale(self) -> float:
         return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def _model_and_master_params(self) -> List[Tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        return list(zip(self.model_params, self.main_params))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Master gradients are fresh copies each step, so they are always dropped."""
@@ -297,6 +360,22 @@ class ChainedOptimizer(MegatronOptimizer):
 
     def state_dict(self) -> list:
         return [optimizer.state_dict() for optimizer in self.chained_optimizers]
+
+    def param_state_for_checkpoint(self) -> Dict[torch.nn.Parameter, Dict[str, torch.Tensor]]:
+        return {param: state for optimizer in self.chained_optimizers for param, state in optimizer.param_state_for_checkpoint().items()}
+
+    def load_param_state_from_checkpoint(self, states, hyperparameters: list) -> None:
+        for optimizer, saved in zip(self.chained_optimizers, hyperparameters):
+            optimizer.load_param_state_from_checkpoint(states, saved)
+
+    def hyperparameter_state(self) -> list:
+        return [optimizer.hyperparameter_state() for optimizer in self.chained_optimizers]
+
+    def load_hyperparameter_state(self, state: list) -> None:
+        if len(state) != len(self.chained_optimizers):
+            raise ValueError(f"{len(state)} optimizer states for {len(self.chained_optimizers)} chained optimizers")
+        for optimizer, saved in zip(self.chained_optimizers, state):
+            optimizer.load_hyperparameter_state(saved)
 
     def load_state_dict(self, state_dict: list) -> None:
         if len(state_dict) != len(self.chained_optimizers):

@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from megatron.training.checkpointing import get_checkpoint_name
-from tests.unit_tests.training.test_safe_load import _plant_malicious_file, _RunsCode
+from tests.unit_tests.core.test_safe_load import _plant_malicious_file, _RunsCode
 from tools.checkpoint.convert import main as convert_main
 from tools.generate import main as generate_main
 

@@ -60,8 +60,9 @@ CHECKPOINT_SAFE_GLOBALS = [
 _DISALLOWED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
-def load_checkpoint_file(path: str, map_location="cpu"):
-    """torch.load of `path` with weights_only=True and the checkpoint allow-list.
+def load_checkpoint_file(path, map_location="cpu", name=None):
+    """torch.load of `path` (a file name or a binary stream, then described as `name`) with weights_only=True
+    and the checkpoint allow-list.
 
     Raises UnsafeCheckpointError for a disallowed type; other load failures (truncated or corrupt files)
     propagate unchanged for the caller to describe.
@@ -74,6 +75,6 @@ def load_checkpoint_file(path: str, map_location="cpu"):
             if disallowed is None:
                 raise
             raise UnsafeCheckpointError(
-                f"refusing to load {path}: it holds a {disallowed.group(1)} object, which checkpoints never "
+                f"refusing to load {name or path}: it holds a {disallowed.group(1)} object, which checkpoints never "
                 "contain and which could run code when loaded; use only checkpoint files from sources you trust"
             ) from None

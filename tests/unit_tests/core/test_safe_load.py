@@ -15,7 +15,7 @@ from megatron.core.enums import ModelType
 from megatron.training import checkpointing
 from megatron.training.checkpoint_manifest import MANIFEST_BASENAME, manifest_text
 from megatron.training.checkpointing import get_checkpoint_name, load_checkpoint, save_checkpoint
-from megatron.training.safe_load import UnsafeCheckpointError, load_checkpoint_file
+from megatron.core.safe_load import UnsafeCheckpointError, load_checkpoint_file
 from tests.unit_tests.training.test_checkpointing import _setup
 
 
