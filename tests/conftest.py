@@ -85,14 +85,18 @@ def gloo_worker(rank, world_size, port, layout, function, args):
 @pytest.fixture
 def run_on_gloo():
     """run_on_gloo(world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1,
-    context_parallel_size=1): function(rank, *args) on every rank (a module-level function); a failure on any
+    context_parallel_size=1, expert_parallel_size=1): function(rank, *args) on every rank (a module-level function); a failure on any
     rank fails the test."""
 
-    def run(world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1, context_parallel_size=1):
+    def run(
+        world_size, function, *args, tensor_parallel_size=1, pipeline_parallel_size=1, context_parallel_size=1,
+        expert_parallel_size=1,
+    ):
         layout = dict(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
             context_parallel_size=context_parallel_size,
+            expert_model_parallel_size=expert_parallel_size,
         )
         mp.spawn(gloo_worker, args=(world_size, free_port(), layout, function, args), nprocs=world_size, join=True)
 

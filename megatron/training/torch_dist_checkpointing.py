@@ -18,10 +18,14 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.gpt_layout import GPTCheckpointLayout, sharded_model_state, stacks_layers
+from megatron.core.dist_checkpointing.gpt_layout import (
+    GPTCheckpointLayout,
+    checkpoint_tensors,
+    sharded_model_state,
+    stacks_layers,
+)
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.serialization import CheckpointingException, load_entries
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.state_dict_sharding import split_rule
 from megatron.core.transformer.pipeline_layout import layer_offset_and_count
 from megatron.legacy.model.checkpoint_names import legacy_to_mcore_names
@@ -32,21 +36,6 @@ _async_save_group = None
 
 
 # ------------------------------------------------------------------------------------------------ mapping
-
-
-def _chunk_tensors(chunk, legacy: bool) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """({mcore name: live tensor} of one model chunk, the mcore names of its linear layers)."""
-    named = chunk.state_dict(keep_vars=True)
-    named = {name: tensor for name, tensor in named.items() if torch.is_tensor(tensor)}
-    if legacy:
-        named = legacy_to_mcore_names(named)
-    linear_weights = {
-        id(module.weight)
-        for module in chunk.modules()
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and getattr(module, "weight", None) is not None
-    }
-    linears = [name[: -len(".weight")] for name, tensor in named.items() if id(tensor) in linear_weights and name.endswith(".weight")]
-    return named, linears
 
 
 def _chunk_layout(args, chunk_index: int) -> GPTCheckpointLayout:
@@ -72,7 +61,8 @@ def _chunk_layout(args, chunk_index: int) -> GPTCheckpointLayout:
 
 def _chunks(model, args):
     """[(named tensors, linear names, layout)] per model chunk."""
-    return [(*_chunk_tensors(chunk, args.use_legacy_models), _chunk_layout(args, index)) for index, chunk in enumerate(unwrap_model(model))]
+    rename = legacy_to_mcore_names if args.use_legacy_models else None
+    return [(*checkpoint_tensors(chunk, rename), _chunk_layout(args, index)) for index, chunk in enumerate(unwrap_model(model))]
 
 
 def model_sharded_state_dict(model, args) -> dict:

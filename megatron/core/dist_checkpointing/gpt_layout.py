@@ -17,12 +17,13 @@ The split of every tensor comes from the attributes its parallel layer recorded 
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.state_dict_sharding import split_rule
 
 ShardedEntry = Union[ShardedTensor, ShardedObject]
@@ -173,3 +174,20 @@ def sharded_model_state(
         if module_name.startswith(("decoder.", "mtp.")):
             sharded[f"{module_name}._extra_state"] = [layout.extra_state(module_name, names)]
     return sharded
+
+
+def checkpoint_tensors(
+    module: torch.nn.Module, rename: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """({name: live tensor} of a model chunk's state dict, the names of its linear layers); `rename` maps the
+    names to mcore's (the legacy stack's), and the linear layers follow their weights' new names."""
+    named = {name: tensor for name, tensor in module.state_dict(keep_vars=True).items() if torch.is_tensor(tensor)}
+    if rename is not None:
+        named = rename(named)
+    linear_weights = {
+        id(layer.weight)
+        for layer in module.modules()
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and getattr(layer, "weight", None) is not None
+    }
+    linears = [name[: -len(".weight")] for name, tensor in named.items() if id(tensor) in linear_weights and name.endswith(".weight")]
+    return named, linears

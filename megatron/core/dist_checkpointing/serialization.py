@@ -66,21 +66,26 @@ class CheckpointingException(UserError, RuntimeError):
 
 
 def extract_sharded(state_dict) -> Tuple[List[Any], Any]:
-    """(every ShardedTensor / ShardedObject in a nested dict or list, the rest of it: the common state)."""
+    """(every ShardedTensor / ShardedObject in a nested dict or list, the rest of it: the common state;
+    containers that held only sharded entries are left out of it)."""
     sharded = []
+    removed = object()
 
     def visit(node):
         if isinstance(node, (ShardedTensor, ShardedObject)):
             sharded.append(node)
-            return None
-        if isinstance(node, dict):
-            kept = {key: visit(value) for key, value in node.items()}
-            return {key: value for key, value in kept.items() if value is not None or node[key] is None}
-        if isinstance(node, list):
-            return [visit(value) for value in node]
+            return removed
+        if isinstance(node, (dict, list)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            kept = [(key, visit(value)) for key, value in items]
+            kept = [(key, value) for key, value in kept if value is not removed]
+            if node and not kept:
+                return removed
+            return dict(kept) if isinstance(node, dict) else [value for _, value in kept]
         return node
 
-    return sharded, visit(state_dict)
+    common = visit(state_dict)
+    return sharded, ({} if common is removed else common)
 
 
 def _replace_sharded(state_dict, loaded: Dict[int, Any]):

@@ -5,6 +5,12 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.gpt_layout import (
+    GPTCheckpointLayout,
+    checkpoint_tensors,
+    sharded_model_state,
+    stacks_layers,
+)
 from megatron.core.inference_params import InferenceParams
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import (
@@ -133,6 +139,22 @@ class GPTModel(LanguageModule):
                 )
             self.mtp = MultiTokenPredictionBlock(config, transformer_layer_spec)
         self.setup_embeddings_and_output_layer()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        """Megatron's view of this chunk for `dist_checkpointing.save` / `load`: {state dict name: ShardedTensor,
+        a list of them (SwiGLU's gate and up blocks) or a ShardedObject}, under megatron-core's checkpoint keys
+        (gpt_layout.py). The data are the live tensors, so `dist_checkpointing.load` fills the model in place."""
+        layers = self.decoder.layers
+        layout = GPTCheckpointLayout(
+            num_layers=self.config.num_layers,
+            layer_offset=layers[0].layer_number - 1 if len(layers) else 0,
+            stacked=stacks_layers(self.config.moe_layer_freq),
+            tied_output=self.share_embeddings_and_output_weights,
+            num_experts=self.config.num_moe_experts,
+            expert_parallel_size=self.config.expert_model_parallel_size,
+        )
+        sharded = sharded_model_state(*checkpoint_tensors(self), layout)
+        return {prefix + name: entries[0] if len(entries) == 1 else entries for name, entries in sharded.items()}
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand in the previous stage's activations."""
