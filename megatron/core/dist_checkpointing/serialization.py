@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import threading
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -191,13 +192,15 @@ def save_common(common_state: Any, checkpoint_dir: str) -> None:
 
 def _save_blocks(state: Dict[str, Any], items: Dict[str, WriteItem], checkpoint_dir: str, process_group) -> None:
     distributed = _is_distributed(process_group)
-    dcp.save(
-        state,
-        storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1),
-        planner=_BlockSavePlanner(items),
-        process_group=process_group,
-        no_dist=not distributed,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(
+            state,
+            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1),
+            planner=_BlockSavePlanner(items),
+            process_group=process_group,
+            no_dist=not distributed,
+        )
 
 
 class AsyncSaveRequest:
@@ -480,7 +483,9 @@ def load_entries(checkpoint_dir: str, metadata: Metadata, tensors: List[ShardedT
     reader = SafeFileSystemReader(checkpoint_dir)
     reader.read_metadata = lambda *args, **kwargs: metadata
     try:
-        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+        with warnings.catch_warnings():  # a per-rank read is meant: no_dist says so, DCP warns anyway
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
     except (Exception, DCPCheckpointException) as error:  # DCP wraps what its steps raise; name the first cause
         if planner.error is not None:
             raise planner.error from None
