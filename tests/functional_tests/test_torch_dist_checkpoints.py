@@ -57,11 +57,13 @@ def test_moe_checkpoint_reshards_tp2_pp2_to_tp1_to_ep2(data_path, tmp_path):
 
 def test_resume_is_exact_and_loads_at_another_pipeline_layout_and_stack(data_path, tmp_path):
     save = tmp_path / "pp2"
-    pipeline = ["--pipeline-model-parallel-size", 2]
-    straight = _train(data_path, 2, *pipeline, "--use-distributed-optimizer", "--train-iters", 4, "--save", save, "--save-interval", 2)
-    resume = ["--train-iters", 4, "--load", save, "--ckpt-step", 2]
-    assert _train(data_path, 2, *pipeline, "--use-distributed-optimizer", *resume) == {3: straight[3], 4: straight[4]}
-    # Pipeline stages change nothing in the arithmetic: bit for bit again, also without the distributed optimizer.
+    four_layers = ["--num-layers", 4]  # given after the tiny model's --num-layers 2: the last one counts
+    pipeline = ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1, "--use-distributed-optimizer"]
+    straight = _train(data_path, 2, *four_layers, *pipeline, "--train-iters", 4, "--save", save, "--save-interval", 2)
+    resume = [*four_layers, "--train-iters", 4, "--load", save, "--ckpt-step", 2]
+    assert _train(data_path, 2, *pipeline, *resume) == {3: straight[3], 4: straight[4]}
+    # Pipeline stages (virtual ones too) change nothing in the arithmetic: bit for bit again on one process, also
+    # without the distributed optimizer.
     assert _train(data_path, 1, *resume) == {3: straight[3], 4: straight[4]}
     # The legacy stack reads the same keys (its own names are mapped to mcore's).
     legacy = _train(data_path, 1, *resume, stack="legacy")
