@@ -26,7 +26,7 @@ COMMON = dict(
 )
 
 # megatron-core 0.16.1 on CPU: its save writes through a helper process and asks CUDA for a device and a sync;
-# its attention forks a CUDA RNG tracker (dropout is off here).
+# its attention forks a CUDA RNG tracker (dropout is off here); its router asks for Transformer Engine's GEMM.
 REFERENCE_PRELUDE = """
 import contextlib, os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
@@ -37,6 +37,8 @@ torch.cuda.current_device = lambda: "cpu"
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 get_cuda_rng_tracker().fork = lambda *args, **kwargs: contextlib.nullcontext()
+import megatron.core.transformer.moe.moe_utils as moe_utils
+moe_utils.te_general_gemm = None  # its router GEMM without Transformer Engine
 parallel_state.initialize_model_parallel(1, 1)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.models.gpt import GPTModel
@@ -113,10 +115,15 @@ def _load_theirs_and_run(rank, directory, logits_path, fields):
         torch.save(logits, logits_path)
 
 
-def test_we_load_what_megatron_core_saves(tmp_path, run_on_gloo, run_reference_megatron):
+@pytest.mark.parametrize(
+    "fields, layout",
+    [(DENSE, dict(tensor_parallel_size=2)), (MOE, dict(expert_parallel_size=2))],
+    ids=["dense-tp2", "moe-ep2"],
+)
+def test_we_load_what_megatron_core_saves(tmp_path, run_on_gloo, run_reference_megatron, fields, layout):
     directory = tmp_path / "iter_0000001"
     directory.mkdir()
-    _reference(run_reference_megatron, DENSE, f"""
+    _reference(run_reference_megatron, fields, f"""
 dist_checkpointing.save(model.sharded_state_dict(), {str(directory)!r})
 tokens = torch.arange(12).view(2, {SEQUENCE}) % {VOCAB}
 positions = torch.arange({SEQUENCE}).expand(2, {SEQUENCE})
@@ -126,7 +133,7 @@ with torch.no_grad():
 """)
     assert dist_checkpointing.check_is_distributed_checkpoint(str(directory))
     ours = tmp_path / "our_logits.pt"
-    run_on_gloo(2, _load_theirs_and_run, str(directory), str(ours), {**DENSE, **COMMON}, tensor_parallel_size=2)
+    run_on_gloo(2, _load_theirs_and_run, str(directory), str(ours), {**fields, **COMMON}, **layout)
     reference = torch.load(tmp_path / "reference_logits.pt", weights_only=True)
     logits = torch.load(ours, weights_only=True)
     assert logits.shape == reference.shape == (2, SEQUENCE, VOCAB)
