@@ -25,7 +25,6 @@ from megatron.core.dist_checkpointing.gpt_layout import (
     stacks_layers,
 )
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.serialization import CheckpointingException, load_entries
 from megatron.core.tensor_parallel.state_dict_sharding import split_rule
 from megatron.core.transformer.pipeline_layout import layer_offset_and_count
 from megatron.legacy.model.checkpoint_names import legacy_to_mcore_names
@@ -176,7 +175,7 @@ def load_torch_dist(model, optimizer, directory: str, args, load_optimizer: bool
     with "rng_state" this rank's saved RNG states (None when not loaded); `check_args(checkpoint_args)` validates
     the saved model flags before any tensor is read."""
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
-        raise CheckpointingException(
+        raise dist_checkpointing.CheckpointingException(
             f"{directory} is not a complete torch_dist checkpoint (its metadata.json is missing or invalid: the save "
             "was interrupted, or it is another format; pass --ckpt-format torch or --auto-detect-ckpt-format)"
         )
@@ -194,7 +193,7 @@ def load_torch_dist(model, optimizer, directory: str, args, load_optimizer: bool
     optimizer_states = {}
     if load_optimizer:
         if "optimizer" not in common:
-            raise CheckpointingException(
+            raise dist_checkpointing.CheckpointingException(
                 f"{directory} holds no optimizer state (saved with --no-save-optim?); pass --no-load-optim or --finetune"
             )
         optimizer_entries, optimizer_states = _optimizer_load_targets(chunks, metadata, optimizer)
@@ -211,14 +210,14 @@ def load_torch_dist(model, optimizer, directory: str, args, load_optimizer: bool
                 "--no-save-rng); the random generators continue from this run's seed"
             )
     with torch.no_grad():
-        loaded = load_entries(directory, metadata, entries, objects)
+        loaded = dist_checkpointing.load_entries(directory, metadata, entries, objects)
     if load_optimizer:
         hyperparameters = common["optimizer"]["hyperparameters"]
         try:
             optimizer.load_hyperparameter_state(hyperparameters)
             optimizer.load_param_state_from_checkpoint(optimizer_states, hyperparameters)
         except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointingException(f"the optimizer state in {directory} does not fit this optimizer: {error}") from None
+            raise dist_checkpointing.CheckpointingException(f"the optimizer state in {directory} does not fit this optimizer: {error}") from None
     else:
         optimizer.reload_model_params()
     common["rng_state"] = loaded.get(rng_entry.unique_key)
