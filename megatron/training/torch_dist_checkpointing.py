@@ -31,7 +31,7 @@ from megatron.legacy.model.checkpoint_names import legacy_to_mcore_names
 from megatron.training.utils import print_rank_0, unwrap_model
 
 OPTIMIZER_STATE_PREFIX = "optimizer.state."
-_async_save_group = None
+_checkpoint_save_group = None  # (the world it was made in, the group)
 
 
 # ------------------------------------------------------------------------------------------------ mapping
@@ -97,12 +97,16 @@ def _rng_position() -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
 # -------------------------------------------------------------------------------------------------- saving
 
 
-def _async_group():
-    """A process group of its own for the background writer, so its collectives never interleave with training's."""
-    global _async_save_group
-    if _async_save_group is None and dist.is_initialized() and dist.get_world_size() > 1:
-        _async_save_group = dist.new_group(backend="gloo")
-    return _async_save_group
+def _checkpoint_group():
+    """A gloo group of every rank for the writers' planning collectives: its own, so that a background writer's
+    collectives never interleave with training's, and on the CPU, where the plans are (also under NCCL)."""
+    global _checkpoint_save_group
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    world = dist.group.WORLD
+    if _checkpoint_save_group is None or _checkpoint_save_group[0] is not world:  # one per process group world
+        _checkpoint_save_group = (world, dist.new_group(backend="gloo"))
+    return _checkpoint_save_group[1]
 
 
 def save_torch_dist(directory: str, common_state: dict, model, optimizer, rng_state, args, async_save: bool):
@@ -117,10 +121,7 @@ def save_torch_dist(directory: str, common_state: dict, model, optimizer, rng_st
         shape, offset = _rng_position()
         sharded["rng_state"] = ShardedObject("rng_state", rng_state, shape, offset)
     state = {**common_state, **sharded}
-    if async_save:
-        return dist_checkpointing.save(state, directory, async_sharded_save=True, process_group=_async_group())
-    dist_checkpointing.save(state, directory)
-    return None
+    return dist_checkpointing.save(state, directory, async_sharded_save=async_save, process_group=_checkpoint_group())
 
 
 # ------------------------------------------------------------------------------------------------- loading
