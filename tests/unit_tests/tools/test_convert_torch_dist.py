@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_entries
+from tests.conftest import free_port
 from tests.functional_tests.training_runs import run_pretrain
+from tests.unit_tests.core.dist_checkpointing.test_megatron_interop import REFERENCE_PRELUDE
 from tests.unit_tests.tools.conftest import VOCAB, assert_same_safetensors
 from tests.unit_tests.tools.test_convert import hf_to_mg, mg_to_mg
 from tools.checkpoint.checkpoint_files import read_megatron_checkpoint
@@ -124,6 +126,46 @@ def test_training_loop_loads_a_converted_checkpoint(hf_llama_dir, convert, tmp_p
     assert sorted(actual) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
+
+
+# megatron-core's GPTModel (local spec) of the same shapes as the conftest's Llama and Mixtral.
+REFERENCE_MODELS = {
+    "llama3": ("hf_llama_dir", dict(ffn_hidden_size=96)),
+    "mixtral": ("hf_mixtral_dir", dict(
+        ffn_hidden_size=32, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+        moe_token_dispatcher_type="allgather",
+    )),
+}
+
+
+@pytest.mark.parametrize("family", list(REFERENCE_MODELS))
+def test_megatron_core_loads_the_converted_checkpoint_strictly(family, request, convert, run_reference_megatron, tmp_path):
+    """The published megatron-core's dist_checkpointing.load, asked to raise on any missing or unexpected key
+    (the `_extra_state` objects included), fills its own model with the tensors our torch format holds."""
+    fixture, fields = REFERENCE_MODELS[family]
+    hf_dir = request.getfixturevalue(fixture)
+    to_torch_dist(convert, "hf", hf_dir, tmp_path / "dist", "--model-type-hf", family)
+    hf_to_mg(convert, hf_dir, tmp_path / "torch", family)
+    fields = dict(
+        fields, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, gated_linear_unit=True,
+        add_bias_linear=False, normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    loaded = tmp_path / "loaded.pt"
+    run_reference_megatron(REFERENCE_PRELUDE.format(port=free_port(), fields=repr(fields), vocab=VOCAB) + f"""
+import argparse
+from megatron.core.dist_checkpointing.validation import StrictHandling
+torch.serialization.add_safe_globals([argparse.Namespace])  # as Megatron-LM's training does for common.pt
+state = dist_checkpointing.load(model.sharded_state_dict(), {str(tmp_path / "dist" / "release")!r}, strict=StrictHandling.RAISE_ALL)
+assert (state.pop("iteration"), state.pop("checkpoint_version"), state.pop("args").num_layers) == (0, 3.0, 2)
+model.load_state_dict(state)
+torch.save({{name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}}, {str(loaded)!r})
+""")
+    _, expected = read_megatron_checkpoint(str(tmp_path / "torch"))
+    theirs = torch.load(loaded, weights_only=True)
+    assert sorted(theirs) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(theirs[name], tensor), name
 
 
 def test_incomplete_torch_dist_checkpoint_and_hf_output_format_are_one_line(hf_llama_dir, convert, tmp_path, capsys):
