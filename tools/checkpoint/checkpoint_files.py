@@ -18,6 +18,7 @@ import torch
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.gpt_layout import (
+    VOCABULARY_TENSORS,
     GPTCheckpointLayout,
     ParallelPlace,
     checkpoint_tensors,
@@ -413,8 +414,12 @@ def _read_torch_dist_directory(directory: str) -> Tuple[argparse.Namespace, Stat
     state, blocks = {}, []
     for name, meta_tensor in named.items():
         saved_tensor = metadata.state_dict_metadata.get(layout.locate(name, names)[0])
-        dtype = saved_tensor.properties.dtype if hasattr(saved_tensor, "properties") else meta_tensor.dtype
-        state[name] = torch.empty(meta_tensor.shape, dtype=dtype)
+        dtype, shape = meta_tensor.dtype, meta_tensor.shape
+        if hasattr(saved_tensor, "properties"):
+            dtype = saved_tensor.properties.dtype
+            if name in VOCABULARY_TENSORS:  # all saved rows (check_state_fits_args names a padding unlike args')
+                shape = saved_tensor.size
+        state[name] = torch.empty(shape, dtype=dtype)
         blocks += layout.sharded_tensors(name, state[name], names)
     load_entries(directory, metadata, blocks, [])
     return args, state

@@ -1,5 +1,6 @@
 """tools/checkpoint/convert.py with Megatron's torch_dist format: the layout on disk, bit-identical round trips
-HF -> torch_dist -> HF and torch (TP2 x PP2) -> torch_dist -> torch, and the training loop loading the result."""
+HF -> torch_dist -> HF and torch (TP2 x PP2) -> torch_dist -> torch, the training loop and the published
+megatron-core loading the result, and the training loop's torch_dist checkpoints read back."""
 
 import os
 
@@ -107,20 +108,22 @@ def test_torch_tp2_pp2_to_torch_dist_to_torch_keeps_the_state(hf_llama_dir, conv
         assert torch.equal(state[name], tensor), name
 
 
-def test_training_loop_loads_a_converted_checkpoint(hf_llama_dir, convert, tmp_path):
-    """pretrain_gpt.py --use-checkpoint-args --finetune reads the converter's torch_dist output (detected by
-    its files); at learning rate 0 the torch checkpoint it saves holds the same tensors."""
+def test_training_loop_and_converter_read_each_others_torch_dist(hf_llama_dir, convert, tmp_path):
+    """pretrain_gpt.py --use-checkpoint-args --finetune reads the converter's torch_dist output; at learning
+    rate 0 the torch_dist checkpoint it saves (optimizer and RNG state included) reads back in the converter as
+    the same tensors."""
     dist_dir, trained, reference = tmp_path / "dist", tmp_path / "trained", tmp_path / "reference"
     to_torch_dist(convert, "hf", hf_llama_dir, dist_dir, "--model-type-hf", "llama3")
     hf_to_mg(convert, hf_llama_dir, reference, "llama3")
     result = run_pretrain([
-        "--use-checkpoint-args", "--load", dist_dir, "--auto-detect-ckpt-format", "--finetune",
-        "--save", trained, "--save-interval", 1, "--ckpt-format", "torch", "--no-save-optim", "--no-save-rng",
+        "--use-checkpoint-args", "--load", dist_dir, "--ckpt-format", "torch_dist", "--finetune",
+        "--save", trained, "--save-interval", 1,
         "--train-iters", 1, "--lr", 0.0, "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB - 1,
         "--micro-batch-size", 1, "--seq-length", 16, "--device", "cpu", "--eval-iters", 0, "--log-interval", 1,
     ])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "(torch_dist)" in result.stdout
+    assert dist_checkpointing.check_is_distributed_checkpoint(str(trained / "iter_0000001"))
     _, expected = read_megatron_checkpoint(str(reference))
     _, actual = read_megatron_checkpoint(str(trained))
     assert sorted(actual) == sorted(expected)
@@ -177,4 +180,22 @@ def test_incomplete_torch_dist_checkpoint_and_hf_output_format_are_one_line(hf_l
     assert "is an incomplete torch_dist checkpoint (its metadata.json is missing" in capsys.readouterr().err
     assert convert_main([*argv, "--save-ckpt-format", "torch_dist"]) == 1
     assert "--save-ckpt-format applies to Megatron output (--save-model-type mg) only" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_saved_args_unlike_the_saved_tensors_are_one_line(hf_llama_dir, convert, tmp_path, capsys):
+    to_torch_dist(convert, "hf", hf_llama_dir, tmp_path / "dist", "--model-type-hf", "llama3")
+    common_path = tmp_path / "dist" / "release" / "common.pt"
+    common = torch.load(common_path, weights_only=False)
+    common["args"].padded_vocab_size = 128  # the embedding was saved with 96 rows
+    torch.save(common, common_path)
+    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "llama3",
+            "--load-dir", str(tmp_path / "dist"), "--save-dir", str(tmp_path / "hf")]
+    assert convert_main(argv) == 1
+    error = capsys.readouterr().err
+    assert "does not fit the model built from the flags" in error and "embedding.word_embeddings.weight" in error
+    common["args"].hidden_size = 32
+    torch.save(common, common_path)
+    assert convert_main(argv) == 1
+    assert "has global shape (2, 64) in the checkpoint but (2, 32) in this model" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
