@@ -1,5 +1,6 @@
-"""Reading and writing the two on-disk forms: Megatron torch checkpoints (docs/FORMATS.md) at any TP/PP for
-either stack, and Hugging Face directories (config.json + safetensors or pytorch_model.bin).
+"""Reading and writing the on-disk forms: Megatron checkpoints (docs/FORMATS.md) in the torch format at any
+TP/PP/EP for either stack or in the layout-free torch_dist format, and Hugging Face directories (config.json +
+safetensors or pytorch_model.bin).
 
 Everything is written under a temporary name and renamed when complete, the tracker file last.
 """
@@ -15,6 +16,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.gpt_layout import (
+    VOCABULARY_TENSORS,
+    GPTCheckpointLayout,
+    ParallelPlace,
+    checkpoint_tensors,
+    sharded_model_state,
+    stacks_layers,
+)
+from megatron.core.dist_checkpointing.serialization import load_entries
 from megatron.core.models.gpt.checkpoint_names import transformer_engine_to_local_names
 from megatron.core.tensor_parallel.state_dict_sharding import SplitRule, merge_state_dicts, split_rules, split_state_dict
 from megatron.core.transformer.pipeline_layout import merge_pipeline, split_pipeline
@@ -41,6 +52,7 @@ from tools.checkpoint.hf_families import ConversionError, pad_vocabulary
 
 StateDict = Dict[str, torch.Tensor]
 _EXPERT_KEY = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..*)$")
+_TORCH_DIST_FILES = (".metadata", "common.pt")  # present before metadata.json marks the directory complete
 
 
 def model_args(
@@ -307,11 +319,18 @@ def _stack_state(checkpoint: dict, path: str) -> Tuple[List[StateDict], bool]:
 
 
 def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDict]:
-    """(args, canonical state dict) of a Megatron checkpoint at any TP/PP/EP, either stack; the args say which
-    stack it was (use_legacy_models)."""
+    """(args, canonical state dict) of a Megatron checkpoint in either format (told apart by its files): torch
+    at any TP/PP/EP, or torch_dist; the args say which stack it was (use_legacy_models)."""
     directory = _checkpoint_directory(load_dir)
+    if dist_checkpointing.check_is_distributed_checkpoint(directory):
+        return _read_torch_dist_directory(directory)
     entries = sorted(entry for entry in os.listdir(directory) if RANK_DIRECTORY_NAME.match(entry))
     if not entries:
+        if any(os.path.exists(os.path.join(directory, name)) for name in _TORCH_DIST_FILES):
+            raise ConversionError(
+                f"{directory} is an incomplete torch_dist checkpoint (its metadata.json is missing: the save was "
+                "interrupted); convert an earlier, complete iteration"
+            )
         raise ConversionError(f"{directory} holds no mp_rank_* directories")
     first_path = os.path.join(directory, entries[0], "model_optim_rng.pt")
     first = _load_rank_file(first_path)
@@ -359,6 +378,70 @@ def read_megatron_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDi
     args.use_legacy_models, args.use_mcore_models = legacy, not legacy
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size = tp, pp, ep
     return args, merge_pipeline(stages, args.num_layers, not args.untie_embeddings_and_output_weights, *_uneven_stages(args))
+
+
+def _torch_dist_layout(args) -> GPTCheckpointLayout:
+    """Where the unsplit model's tensors (global layer numbers, TP1) live in a torch_dist checkpoint."""
+    return GPTCheckpointLayout(
+        num_layers=args.num_layers,
+        layer_offset=0,
+        stacked=stacks_layers(getattr(args, "moe_layer_freq", 1)),
+        tied_output=not args.untie_embeddings_and_output_weights,
+        num_experts=getattr(args, "num_experts", None),
+        place=ParallelPlace(),
+    )
+
+
+def read_torch_dist_checkpoint(load_dir: str) -> Tuple[argparse.Namespace, StateDict]:
+    """(saved args, canonical state dict) of a torch_dist checkpoint (written by this project or Megatron-LM at
+    any layout); the vocabulary keeps its saved padded size."""
+    directory = _checkpoint_directory(load_dir)
+    if not dist_checkpointing.check_is_distributed_checkpoint(directory):
+        raise ConversionError(f"{directory} is not a complete torch_dist checkpoint (it has no valid metadata.json)")
+    return _read_torch_dist_directory(directory)
+
+
+def _read_torch_dist_directory(directory: str) -> Tuple[argparse.Namespace, StateDict]:
+    common = dist_checkpointing.load_common_state_dict(directory)
+    saved = common.get("args") if isinstance(common, dict) else None
+    if saved is None:
+        raise ConversionError(f"{directory} holds no saved args in its common state, so the model's shape is unknown")
+    args = _fill_missing_model_args(saved)
+    named, _ = checkpoint_tensors(unsplit_model(args))
+    metadata = dist_checkpointing.read_checkpoint_metadata(directory)
+    layout = _torch_dist_layout(args)
+    names = set(named)
+    state, blocks = {}, []
+    for name, meta_tensor in named.items():
+        saved_tensor = metadata.state_dict_metadata.get(layout.locate(name, names)[0])
+        dtype, shape = meta_tensor.dtype, meta_tensor.shape
+        if hasattr(saved_tensor, "properties"):
+            dtype = saved_tensor.properties.dtype
+            if name in VOCABULARY_TENSORS:  # all saved rows (check_state_fits_args names a padding unlike args')
+                shape = saved_tensor.size
+        state[name] = torch.empty(shape, dtype=dtype)
+        blocks += layout.sharded_tensors(name, state[name], names)
+    load_entries(directory, metadata, blocks, [])
+    return args, state
+
+
+def write_torch_dist_checkpoint(save_dir: str, args, state: StateDict) -> None:
+    """Write the canonical state dict as SAVE/release/ in the torch_dist format (global tensors under
+    Megatron-core's keys, an empty `_extra_state` object per decoder / MTP linear layer, common.pt with `args`),
+    then the tracker "release". One process writes it all; any layout loads it."""
+    _, linears = checkpoint_tensors(unsplit_model(args))
+    entries = [entry for blocks in sharded_model_state(state, linears, _torch_dist_layout(args)).values() for entry in blocks]
+    common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+    os.makedirs(save_dir, exist_ok=True)
+    release_dir = get_checkpoint_name(save_dir, 0, release=True, return_base_dir=True)
+    staging = f"{release_dir}.tmp.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        dist_checkpointing.save({**common, "model": entries}, staging)
+        _replace_directory(staging, release_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_tracker(save_dir, "release")
 
 
 def read_hf_directory(load_dir: str) -> Tuple[dict, StateDict]:

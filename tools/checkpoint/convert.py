@@ -9,6 +9,12 @@ mg -> hf writes config.json + model.safetensors that `transformers` loads; mg ->
 checkpoint (TP/PP, uneven first/last pipeline stages) and/or moves it between the legacy and mcore stacks
 (by default it keeps the source's stack). Megatron inputs may be at any layout, virtual pipeline chunks
 included; only the model weights are converted (train from the result with --finetune or --no-load-optim).
+
+Megatron inputs are read in either checkpoint format (torch: mp_rank_* files; torch_dist: the iteration
+directory's metadata.json), whichever the files show. `--save-ckpt-format torch_dist` writes CKPT/release/ as
+Megatron's distributed checkpoint (global tensors, loadable at any TP/PP/EP with `--ckpt-format torch_dist`);
+then the --target-* sizes only set the layout recorded in the saved args and the vocabulary padding
+(--make-vocab-size-divisible-by x TP, which Megatron-LM requires to equal its own run's).
 """
 
 import argparse
@@ -31,8 +37,12 @@ from tools.checkpoint.checkpoint_files import (  # noqa: E402
     unsplit_model,
     write_hf_directory,
     write_megatron_checkpoint,
+    write_torch_dist_checkpoint,
 )
 from tools.checkpoint.hf_families import FAMILIES, ConversionError, family_for  # noqa: E402
+
+
+MEGATRON_WRITERS = {"torch": write_megatron_checkpoint, "torch_dist": write_torch_dist_checkpoint}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.add_argument(
         "--use-legacy-models", action="store_true", help="Write the legacy stack (mg -> mg: the source's stack)."
+    )
+    parser.add_argument(
+        "--save-ckpt-format",
+        choices=list(MEGATRON_WRITERS),
+        default="torch",
+        help="Megatron checkpoint format to write: torch (mp_rank_* files at the --target-* layout) or torch_dist "
+        "(layout-free; the --target-* sizes are only recorded in the saved args and pad the vocabulary).",
     )
     parser.add_argument(
         "--make-vocab-size-divisible-by",
@@ -103,7 +120,7 @@ def _hf_to_megatron(options) -> None:
     )
     state = family.to_mcore(hf_state, args)
     check_state_fits_args(args, state)
-    write_megatron_checkpoint(options.save_dir, args, state)
+    write_megatron(options, args, state)
 
 
 def _megatron_to_hf(options) -> None:
@@ -128,7 +145,13 @@ def _megatron_to_megatron(options) -> None:
         _uneven_stage_layers(options),
         options.target_expert_parallel_size,
     )
-    write_megatron_checkpoint(options.save_dir, target, fit_vocabulary(state, target))
+    write_megatron(options, target, fit_vocabulary(state, target))
+
+
+def write_megatron(options, args, state) -> None:
+    """Write in --save-ckpt-format, which the saved args record."""
+    args.ckpt_format = options.save_ckpt_format
+    MEGATRON_WRITERS[options.save_ckpt_format](options.save_dir, args, state)
 
 
 def convert(options) -> None:
@@ -140,6 +163,8 @@ def convert(options) -> None:
         )
     if options.load_model_type == "hf" and options.save_model_type == "hf":
         raise ConversionError("--load-model-type hf with --save-model-type hf: nothing to convert")
+    if options.save_model_type == "hf" and options.save_ckpt_format != "torch":
+        raise ConversionError("--save-ckpt-format applies to Megatron output (--save-model-type mg) only")
     if "hf" in (options.load_model_type, options.save_model_type) and options.model_type_hf is None:
         raise ConversionError(f"converting to or from Hugging Face needs --model-type-hf ({', '.join(FAMILIES)})")
     if os.path.abspath(options.load_dir) == os.path.abspath(options.save_dir):
