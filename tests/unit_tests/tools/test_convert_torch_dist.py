@@ -14,7 +14,7 @@ from megatron.core.dist_checkpointing.serialization import load_entries
 from tests.conftest import free_port
 from tests.functional_tests.training_runs import run_pretrain
 from tests.unit_tests.core.dist_checkpointing.test_megatron_interop import REFERENCE_PRELUDE
-from tests.unit_tests.tools.conftest import VOCAB, assert_same_safetensors
+from tests.unit_tests.tools.conftest import VOCAB, assert_logits_match_transformers, assert_same_safetensors
 from tests.unit_tests.tools.test_convert import hf_to_mg, mg_to_mg
 from tools.checkpoint.checkpoint_files import read_megatron_checkpoint
 from tools.checkpoint.convert import main as convert_main
@@ -48,6 +48,13 @@ def test_hf_torch_dist_hf_round_trip_is_bit_identical(family, request, convert, 
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", family,
             "--load-dir", tmp_path / "dist", "--save-dir", tmp_path / "hf")
     assert_same_safetensors(hf_dir, tmp_path / "hf")
+
+
+def test_generate_reads_torch_dist(hf_llama_dir, convert, load_converted, tmp_path):
+    """tools/generate.py's loader reads either format: transformers' logits from the torch_dist checkpoint."""
+    to_torch_dist(convert, "hf", hf_llama_dir, tmp_path / "dist", "--model-type-hf", "llama3")
+    model, _ = load_converted(tmp_path / "dist")
+    assert_logits_match_transformers(model, hf_llama_dir)
 
 
 def test_torch_dist_output_is_megatrons_layout(hf_llama_dir, convert, tmp_path):
