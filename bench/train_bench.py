@@ -15,8 +15,15 @@ and its FLOPs count MLA's projections, the active experts only and the predictio
 The model is a Llama-style stack by default (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases, a 32000-entry
 vocabulary); any training flag overrides it. Batches are random token ids, so the figure is the model step
 (forward, backward, optimizer) without the data pipeline. --bench-warmup steps are not timed. MFU needs the
-device's peak: known GPUs are looked up, otherwise pass --device-peak-tflops. --profile-dir DIR records the
-timed steps with torch.profiler (a Chrome trace in DIR) and prints where the time goes.
+device's peak: --measure-peak times dense matmuls at the run's dtype first (bench/device_peak.py; all ranks at
+once, so CPU ranks share the cores as in training), else known GPUs are looked up, else pass
+--device-peak-tflops. --profile-dir DIR records the timed steps with torch.profiler (a Chrome trace in DIR) and
+prints where the time goes. The line names the allocator and the CPU seconds of this process per step (user
+and kernel: page faults show as kernel time; CPU time suffers less than wall time from other jobs on the
+cores). Compare jemalloc/tcmalloc with glibc's (MEGATRON_MALLOC=none) by sourcing scripts/fast_allocator.sh:
+
+    bash -c '. scripts/fast_allocator.sh && python bench/train_bench.py ...'
+
 """
 
 import os
@@ -34,6 +41,8 @@ from megatron.training.initialize import initialize_megatron  # noqa: E402
 from megatron.training.training import setup_model_and_optimizer, train_step, update_train_iters  # noqa: E402
 from megatron.training.utils import device_peak_tflops, peak_memory_gib, print_rank_0  # noqa: E402
 from pretrain_gpt import forward_step, model_provider  # noqa: E402
+
+from device_peak import DTYPES, default_size, measured_matmul_tflops  # noqa: E402
 
 LLAMA_STYLE_FLAGS = [
     "--normalization", "RMSNorm",
@@ -57,6 +66,9 @@ def add_bench_args(parser):
     group.add_argument("--bench-iters", type=int, default=10, help="Timed training steps.")
     group.add_argument("--bench-warmup", type=int, default=3, help="Untimed steps before timing.")
     group.add_argument("--profile-dir", type=str, default=None, help="Profile the timed steps into this folder.")
+    group.add_argument(
+        "--measure-peak", action="store_true", help="MFU against a measured matmul peak (bench/device_peak.py)."
+    )
     return parser
 
 
@@ -77,6 +89,22 @@ def synchronize(args):
     if args.device == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
+
+
+def allocator_in_use() -> str:
+    """jemalloc or tcmalloc when preloaded (scripts/fast_allocator.sh, or LD_PRELOAD by hand), else glibc."""
+    with open("/proc/self/maps") as maps:
+        libraries = maps.read()
+    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in libraries), "glibc")
+
+
+def measure_peak(args) -> float:
+    """Mean over ranks of the matmul peak each rank measures while the others do the same."""
+    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    tflops = measured_matmul_tflops(DTYPES[dtype], args.device, default_size(args.device))
+    peak = torch.tensor([tflops], dtype=torch.float64, device="cuda" if args.device == "cuda" else "cpu")
+    dist.all_reduce(peak)
+    return peak.item() / args.world_size
 
 
 def run_steps(count, model, optimizer, scheduler, batches, profiler=None):
@@ -101,9 +129,13 @@ def main():
     initialize_megatron(add_bench_args, args_list=flags)
     args = get_args()
     update_train_iters(args)
+    if args.measure_peak:
+        synchronize(args)
+        args.device_peak_tflops = measure_peak(args)
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider)
     batches = random_batches(args)
     run_steps(args.bench_warmup, model, optimizer, scheduler, batches)
+    start_cpu_times = os.times()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -120,6 +152,7 @@ def main():
         print_rank_0(profiler.key_averages().table(sort_by=sort_key, row_limit=25))
     else:
         seconds = run_steps(args.bench_iters, model, optimizer, scheduler, batches)
+    cpu_times = os.times()
 
     step_seconds = sum(seconds) / len(seconds)
     tokens_per_second = args.global_batch_size * args.seq_length / step_seconds
@@ -132,8 +165,11 @@ def main():
     print_rank_0(
         f"train_bench | {args.num_layers} layers x hidden {args.hidden_size}, seq {args.seq_length}, {dtype}, "
         f"global batch {args.global_batch_size}, {args.world_size} x {args.device} | step (ms): {step_seconds * 1000:.1f} | "
-        f"tokens/s: {tokens_per_second:.1f} | TFLOP/s per device: {tflops_per_device:.3f} | MFU: {mfu} | "
-        f"peak memory (GiB): {memory.item():.3f}"
+        f"tokens/s: {tokens_per_second:.1f} | TFLOP/s per device: {tflops_per_device:.4f} | MFU: {mfu} "
+        f"(peak {peak or 0.0:.4f} TFLOP/s) | "
+        f"peak memory (GiB): {memory.item():.3f} | allocator: {allocator_in_use()} | "
+        f"CPU s per step, user + kernel: {(cpu_times.user - start_cpu_times.user) / args.bench_iters:.2f} + "
+        f"{(cpu_times.system - start_cpu_times.system) / args.bench_iters:.2f}"
     )
     dist.destroy_process_group()
 

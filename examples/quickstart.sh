@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+# shellcheck disable=SC1091
+. scripts/fast_allocator.sh
 
 WORK_DIR="${WORK_DIR:-work_dirs/quickstart}"
 DATA_DIR="${DATA_DIR:-$WORK_DIR/data}"

@@ -1502,6 +1502,19 @@ def _add_context_parallel_args(parser):
     return parser
 
 
+def add_performance_args(parser):
+    """Speed and memory switches that leave the numbers unchanged (within rounding)."""
+    group = parser.add_argument_group(title="performance")
+    group.add_argument(
+        "--no-fused-output-cross-entropy",
+        action="store_false",
+        dest="fused_output_cross_entropy",
+        help="Compute the training loss from the full fp32 logits of each micro batch instead of from the output "
+        "layer's input a chunk of tokens at a time.",
+    )
+    return parser
+
+
 def add_mla_args(parser):
     """Multi-latent attention (DeepSeek-V2/V3) and its YaRN RoPE: Megatron-LM's flags, which become
     MLATransformerConfig's fields; --original-max-position-embeddings, --beta-fast and --beta-slow (fixed
@@ -1645,6 +1658,7 @@ ARGUMENT_GROUPS = [
     _add_megatron_api_args,
     _add_moe_args,
     _add_context_parallel_args,
+    add_performance_args,
     add_mla_args,
     add_mtp_args,
 ]

@@ -528,7 +528,7 @@ def _torch_dist_problem(directory: str) -> "str | None":
         return f"{directory} has no valid metadata.json (its save did not complete)"
     try:
         metadata = dist_checkpointing.read_checkpoint_metadata(directory)
-        dist_checkpointing.serialization.check_storage_files(directory, metadata)
+        dist_checkpointing.check_storage_files(directory, metadata)
     except UserError as error:
         return str(error)
     return None

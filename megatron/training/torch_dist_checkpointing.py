@@ -25,14 +25,13 @@ from megatron.core.dist_checkpointing.gpt_layout import (
     stacks_layers,
 )
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.serialization import CheckpointingException, load_entries
 from megatron.core.tensor_parallel.state_dict_sharding import split_rule
 from megatron.core.transformer.pipeline_layout import layer_offset_and_count
 from megatron.legacy.model.checkpoint_names import legacy_to_mcore_names
 from megatron.training.utils import print_rank_0, unwrap_model
 
 OPTIMIZER_STATE_PREFIX = "optimizer.state."
-_async_save_group = None
+_checkpoint_save_group = None  # (the world it was made in, the group)
 
 
 # ------------------------------------------------------------------------------------------------ mapping
@@ -98,12 +97,16 @@ def _rng_position() -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
 # -------------------------------------------------------------------------------------------------- saving
 
 
-def _async_group():
-    """A process group of its own for the background writer, so its collectives never interleave with training's."""
-    global _async_save_group
-    if _async_save_group is None and dist.is_initialized() and dist.get_world_size() > 1:
-        _async_save_group = dist.new_group(backend="gloo")
-    return _async_save_group
+def _checkpoint_group():
+    """A gloo group of every rank for the writers' planning collectives: its own, so that a background writer's
+    collectives never interleave with training's, and on the CPU, where the plans are (also under NCCL)."""
+    global _checkpoint_save_group
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    world = dist.group.WORLD
+    if _checkpoint_save_group is None or _checkpoint_save_group[0] is not world:  # one per process group world
+        _checkpoint_save_group = (world, dist.new_group(backend="gloo"))
+    return _checkpoint_save_group[1]
 
 
 def save_torch_dist(directory: str, common_state: dict, model, optimizer, rng_state, args, async_save: bool):
@@ -118,10 +121,7 @@ def save_torch_dist(directory: str, common_state: dict, model, optimizer, rng_st
         shape, offset = _rng_position()
         sharded["rng_state"] = ShardedObject("rng_state", rng_state, shape, offset)
     state = {**common_state, **sharded}
-    if async_save:
-        return dist_checkpointing.save(state, directory, async_sharded_save=True, process_group=_async_group())
-    dist_checkpointing.save(state, directory)
-    return None
+    return dist_checkpointing.save(state, directory, async_sharded_save=async_save, process_group=_checkpoint_group())
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -176,7 +176,7 @@ def load_torch_dist(model, optimizer, directory: str, args, load_optimizer: bool
     with "rng_state" this rank's saved RNG states (None when not loaded); `check_args(checkpoint_args)` validates
     the saved model flags before any tensor is read."""
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
-        raise CheckpointingException(
+        raise dist_checkpointing.CheckpointingException(
             f"{directory} is not a complete torch_dist checkpoint (its metadata.json is missing or invalid: the save "
             "was interrupted, or it is another format; pass --ckpt-format torch or --auto-detect-ckpt-format)"
         )
@@ -194,7 +194,7 @@ def load_torch_dist(model, optimizer, directory: str, args, load_optimizer: bool
     optimizer_states = {}
     if load_optimizer:
         if "optimizer" not in common:
-            raise CheckpointingException(
+            raise dist_checkpointing.CheckpointingException(
                 f"{directory} holds no optimizer state (saved with --no-save-optim?); pass --no-load-optim or --finetune"
             )
         optimizer_entries, optimizer_states = _optimizer_load_targets(chunks, metadata, optimizer)
@@ -211,14 +211,14 @@ def load_torch_dist(model, optimizer, directory: str, args, load_optimizer: bool
                 "--no-save-rng); the random generators continue from this run's seed"
             )
     with torch.no_grad():
-        loaded = load_entries(directory, metadata, entries, objects)
+        loaded = dist_checkpointing.load_entries(directory, metadata, entries, objects)
     if load_optimizer:
         hyperparameters = common["optimizer"]["hyperparameters"]
         try:
             optimizer.load_hyperparameter_state(hyperparameters)
             optimizer.load_param_state_from_checkpoint(optimizer_states, hyperparameters)
         except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointingException(f"the optimizer state in {directory} does not fit this optimizer: {error}") from None
+            raise dist_checkpointing.CheckpointingException(f"the optimizer state in {directory} does not fit this optimizer: {error}") from None
     else:
         optimizer.reload_model_params()
     common["rng_state"] = loaded.get(rng_entry.unique_key)

@@ -2,7 +2,7 @@
 
 One line per --log-interval iterations, e.g.
  iteration       10/     100 | consumed samples:          320 | elapsed time per iteration (ms): 123.4 |
- throughput per GPU (TFLOP/s/GPU): 1.2 | throughput (tokens/s): 6640.2 | MFU: 0.61% | learning rate:
+ throughput per GPU (TFLOP/s/GPU): 1.23 | throughput (tokens/s): 6640.2 | MFU: 0.61% | learning rate:
  3.000000E-04 | global batch size:    32 | lm loss: 7.123456E+00 | loss scale: 1.0 | grad norm: 1.234 |
  number of skipped iterations:   0 | number of nan iterations:   0 |
 (on one line; MFU only where the device's peak is known).
@@ -28,6 +28,14 @@ from megatron.training.utils import (
     print_rank_last,
     report_memory,
 )
+
+
+def format_tflops(tflops: float) -> str:
+    """Megatron's one decimal from 10 TFLOP/s up, three significant digits below, so a CPU run never shows 0.0."""
+    if tflops >= 10.0 or tflops <= 0.0 or not math.isfinite(tflops):
+        return f"{tflops:.1f}"
+    decimals = max(1, 2 - math.floor(math.log10(tflops)))
+    return f"{tflops:.{decimals}f}"
 
 
 def print_args(args) -> None:
@@ -146,7 +154,7 @@ class TrainingLogger:
         line = f" iteration {iteration:8d}/{args.train_iters:8d} |"
         line += f" consumed samples: {args.consumed_train_samples:12d} |"
         line += f" elapsed time per iteration (ms): {seconds_per_iteration * 1000.0:.1f} |"
-        line += f" throughput per GPU (TFLOP/s/GPU): {tflops_per_device:.1f} |"
+        line += f" throughput per GPU (TFLOP/s/GPU): {format_tflops(tflops_per_device)} |"
         line += f" throughput (tokens/s): {tokens_per_second:.1f} |"
         if self.peak_tflops:
             line += f" MFU: {100.0 * tflops_per_device / self.peak_tflops:.2f}% |"

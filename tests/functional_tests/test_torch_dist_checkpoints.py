@@ -86,6 +86,7 @@ def test_async_save_killed_midway_never_leaves_a_latest_that_does_not_load(data_
 
 
 def test_damaged_shard_files_fail_in_one_line_and_auto_resume_falls_back(data_path, tmp_path):
+    """...to the newest healthy iteration, found also with --auto-detect-ckpt-format."""
     save = tmp_path / "damaged"
     _train(data_path, 1, "--train-iters", 4, "--save", save, "--save-interval", 2)
     shard = save / "iter_0000004" / "__0_0.distcp"
@@ -99,6 +100,8 @@ def test_damaged_shard_files_fail_in_one_line_and_auto_resume_falls_back(data_pa
     shard.unlink()
     result = run_pretrain(resume)
     assert result.returncode != 0 and f"checkpoint file {shard} is missing" in result.stderr, result.stderr[-2000:]
-    result = run_pretrain([*resume, "--auto-resume"])
+    result = run_pretrain([*resume, "--auto-resume", "--ckpt-format", "torch"])
+    assert result.returncode != 0 and "is a torch_dist checkpoint but this run loads --ckpt-format torch" in result.stderr
+    result = run_pretrain([*resume, "--auto-resume", "--ckpt-format", "torch", "--auto-detect-ckpt-format"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(lm_losses(result.stdout)) == [3, 4]

@@ -19,7 +19,7 @@ require_data_pipeline()
 
 MEGATRON_LOG_LINE = re.compile(
     r"^ iteration +\d+/ +\d+ \| consumed samples: +\d+ \| elapsed time per iteration \(ms\): \d+\.\d \| "
-    r"throughput per GPU \(TFLOP/s/GPU\): \d+\.\d \| throughput \(tokens/s\): \d+\.\d \| "
+    r"throughput per GPU \(TFLOP/s/GPU\): \d+\.\d+ \| throughput \(tokens/s\): \d+\.\d \| "
     r"learning rate: \d\.\d{6}E[+-]\d\d \| global batch size: +\d+ \| lm loss: \d\.\d{6}E[+-]\d\d \| "
     r"loss scale: \d+\.\d \| grad norm: \d+\.\d{3} \| number of skipped iterations: +\d+ \| "
     r"number of nan iterations: +\d+ \|$"

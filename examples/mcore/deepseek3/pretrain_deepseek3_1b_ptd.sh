@@ -8,6 +8,8 @@
 # (EP may be 1, 2, 4 or 8; PP 1, 2 or 4). Every variable below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# shellcheck disable=SC1091
+. scripts/fast_allocator.sh
 
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}

@@ -5,6 +5,8 @@
 # e.g. DATA_PATH=/data/llama2_text_document TOKENIZER_MODEL=/models/llama2/tokenizer.model bash this.sh
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# shellcheck disable=SC1091
+. scripts/fast_allocator.sh
 
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}

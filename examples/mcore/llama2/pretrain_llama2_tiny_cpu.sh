@@ -6,6 +6,8 @@
 # NPROC_PER_NODE=1 bash this.sh
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# shellcheck disable=SC1091
+. scripts/fast_allocator.sh
 
 SHARED_DIR=${SHARED_DIR:-../shared}
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}

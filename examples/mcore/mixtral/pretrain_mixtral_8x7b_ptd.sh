@@ -5,6 +5,8 @@
 # Layout as Megatron-LM's 8 x 8 example: TP1 PP4 EP8. Every variable below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# shellcheck disable=SC1091
+. scripts/fast_allocator.sh
 
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}

@@ -6,6 +6,8 @@
 # tokenizer (TOKENIZER_PATH selects a real one). Override any variable from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# shellcheck disable=SC1091
+. scripts/fast_allocator.sh
 
 SHARED_DIR=${SHARED_DIR:-../shared}
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}

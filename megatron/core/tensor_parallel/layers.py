@@ -196,22 +196,31 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None):
+    def weight_for_forward(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight a forward with `weight=` uses: its own unless one of the right shape is passed."""
         if weight is None:
             if self.weight is None:
                 raise RuntimeError("this ColumnParallelLinear has no weight of its own; pass weight= to forward")
-            weight = self.weight
-        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            return self.weight
+        if weight.shape != (self.output_size_per_partition, self.input_size):
             raise ValueError(
                 f"weight of shape {tuple(weight.shape)} passed to a ColumnParallelLinear expecting "
                 f"{(self.output_size_per_partition, self.input_size)}"
             )
+        return weight
+
+    def parallel_input(self, input_: torch.Tensor) -> torch.Tensor:
+        """The input every rank multiplies by its slice of the weight: gathered over the sequence under sequence
+        parallelism, else the same on all ranks with its gradient summed over them."""
         if self.is_expert:
-            input_parallel = input_
-        elif self.sequence_parallel:
-            input_parallel = gather_from_sequence_parallel_region(input_)
-        else:
-            input_parallel = copy_to_tensor_model_parallel_region(input_)
+            return input_
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(input_)
+        return copy_to_tensor_model_parallel_region(input_)
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None):
+        weight = self.weight_for_forward(weight)
+        input_parallel = self.parallel_input(input_)
         bias = None if self.skip_bias_add else self.bias
         output = F.linear(input_parallel, weight, bias)
         if self.gather_output:

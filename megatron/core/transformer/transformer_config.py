@@ -51,6 +51,9 @@ class TransformerConfig(ModelParallelConfig):
     bias_activation_fusion: bool = False
     """With GeLU this selects Megatron's fused bias-GeLU, the tanh approximation (GPT-2's "gelu_new")."""
     rotary_interleaved: bool = False
+    fused_output_cross_entropy: bool = True
+    """Training loss straight from the output layer's input, a chunk of tokens at a time, without the fp32
+    logits of the whole micro batch (same losses and gradients within rounding)."""
     multi_latent_attention: bool = False
     """True for MLATransformerConfig (DeepSeek's multi-latent attention)."""
 

@@ -106,6 +106,7 @@ class GPTModel(MegatronModule):
             labels,
             self.parallel_output,
             self.fp16_lm_cross_entropy,
+            self.config.fused_output_cross_entropy,
         )
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):

@@ -28,6 +28,11 @@ def validated(*flags):
     return validate_args(parse_args(args_list=[*TRAINING, *flags]))
 
 
+@pytest.mark.parametrize("flags, fused", [((), True), (("--no-fused-output-cross-entropy",), False)])
+def test_fused_output_cross_entropy_is_on_unless_turned_off(flags, fused):
+    assert core_transformer_config_from_args(validated(*GPT, *flags)).fused_output_cross_entropy is fused
+
+
 def test_classic_gpt_comes_from_the_defaults():
     args = validated(*GPT)
     config = core_transformer_config_from_args(args)

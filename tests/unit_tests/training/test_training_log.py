@@ -45,15 +45,22 @@ def test_line_matches_megatron_format(clock, capsys, monkeypatch):
     losses = [7.0 + 0.1 * i for i in range(10)]
     _log_ten(logger, losses, skipped={4}, nan=set())
     line = capsys.readouterr().out.strip("\n")
-    tflops = num_floating_point_operations(args, 32) / (0.1234 * 1e12 * 2)
     tokens = 32 * 128 / 0.1234
     expected_loss = (sum(losses) - losses[3]) / 9
     assert line == (
         f" iteration       10/     100 | consumed samples:          320 | elapsed time per iteration (ms): 123.4 | "
-        f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f} | throughput (tokens/s): {tokens:.1f} | "
+        f"throughput per GPU (TFLOP/s/GPU): 0.0179 | throughput (tokens/s): {tokens:.1f} | "
         f"learning rate: 3.000000E-04 | global batch size:    32 | lm loss: {expected_loss:.6E} | loss scale: 1.0 | "
         f"grad norm: 1.234 | number of skipped iterations:   1 | number of nan iterations:   0 |"
     )
+
+
+@pytest.mark.parametrize(
+    "tflops, shown", [(123.45, "123.5"), (12.34, "12.3"), (9.876, "9.88"), (0.1234, "0.123"), (0.0001234, "0.000123"), (0.0, "0.0")]
+)
+def test_tflops_keep_three_significant_digits_below_ten(tflops, shown):
+    """Megatron's one decimal showed 0.0 for every CPU run."""
+    assert training_log.format_tflops(tflops) == shown
 
 
 def test_mfu_with_a_known_peak_and_nan_counting(clock, capsys, monkeypatch):

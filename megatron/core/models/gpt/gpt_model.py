@@ -191,7 +191,13 @@ class GPTModel(LanguageModule):
 
         def per_token_loss_or_logits(states, targets):
             return output_logits_or_loss(
-                self.output_layer, states, output_weight, targets, self.parallel_output, self.fp16_lm_cross_entropy
+                self.output_layer,
+                states,
+                output_weight,
+                targets,
+                self.parallel_output,
+                self.fp16_lm_cross_entropy,
+                self.config.fused_output_cross_entropy,
             )
 
         if self.mtp is not None and labels is not None and torch.is_grad_enabled():

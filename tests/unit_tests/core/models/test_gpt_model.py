@@ -9,7 +9,7 @@ from megatron.core.inference_params import InferenceParams
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel import cross_entropy, model_parallel_cuda_manual_seed
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import StateDictMismatchError
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -18,7 +18,7 @@ from megatron.legacy.model import GPTModel as LegacyGPTModel
 VOCAB = 50
 
 
-def make_model(legacy=False, **overrides):
+def make_model(legacy=False, share_embeddings_and_output_weights=None, **overrides):
     model_parallel_cuda_manual_seed(42)
     fields = dict(
         num_layers=3,
@@ -37,6 +37,8 @@ def make_model(legacy=False, **overrides):
     fields.update(overrides)
     config = TransformerConfig(**fields)
     kwargs = dict(vocab_size=VOCAB, max_sequence_length=32, position_embedding_type="rope", rope_scaling=True)
+    if share_embeddings_and_output_weights is not None:
+        kwargs["share_embeddings_and_output_weights"] = share_embeddings_and_output_weights
     if legacy:
         return LegacyGPTModel(config, **kwargs)
     return GPTModel(config, get_gpt_layer_local_spec(), **kwargs)
@@ -111,6 +113,26 @@ def test_recomputation_gives_the_same_gradients(legacy, recompute):
     actual = _loss_and_grads(make_model(legacy, hidden_dropout=0.2, attention_dropout=0.2, **recompute))
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["mcore", "legacy"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_output_cross_entropy_gives_the_unfused_losses_and_gradients(legacy, tied, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS_BYTES", 0)
+    monkeypatch.setattr(cross_entropy, "MIN_CHUNK_VOCAB", 16)  # four vocabulary chunks
+    ids = tokens()
+    token_weights = torch.rand(2, 11, generator=torch.Generator().manual_seed(5)) * (ids[:, 1:] % 3 != 0)
+    results = []
+    for fused in (False, True):
+        model = make_model(legacy, tied, fused_output_cross_entropy=fused).train()
+        loss = model(ids[:, :-1], None, None, labels=ids[:, 1:])
+        (loss * token_weights).sum().backward()
+        results.append((loss.detach(), {name: param.grad for name, param in model.named_parameters()}))
+    (unfused_loss, unfused_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, unfused_loss, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == unfused_grads.keys()
+    for name, grad in unfused_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=5e-5, msg=name)  # gradients up to ~20
 
 
 def test_bf16_model_stays_close_to_float32_and_its_loss_is_float32():

@@ -6,7 +6,10 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.cross_entropy import (
+    linear_vocab_parallel_cross_entropy,
+    vocab_parallel_cross_entropy,
+)
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
@@ -20,10 +23,24 @@ def language_model_loss(labels: torch.Tensor, logits: torch.Tensor, fp16_lm_cros
 
 
 def output_logits_or_loss(
-    output_layer, hidden_states, weight, labels, parallel_output: bool, fp16_lm_cross_entropy: bool
+    output_layer,
+    hidden_states,
+    weight,
+    labels,
+    parallel_output: bool,
+    fp16_lm_cross_entropy: bool,
+    fused_output_cross_entropy: bool,
 ) -> torch.Tensor:
     """The last stage's tail: logits [b, s, v/tp] (all of v unless `parallel_output`), or with `labels` the
-    per-token loss [b, s] computed on the vocab-parallel logits."""
+    per-token loss [b, s] computed on the vocab-parallel logits. `fused_output_cross_entropy` computes that loss
+    chunk by chunk from the output layer's input (fp32 cross entropy only; the layer has no bias)."""
+    if labels is not None and fused_output_cross_entropy and not fp16_lm_cross_entropy:
+        loss = linear_vocab_parallel_cross_entropy(
+            output_layer.parallel_input(hidden_states),
+            output_layer.weight_for_forward(weight),
+            labels.transpose(0, 1),
+        )
+        return loss.transpose(0, 1).contiguous()
     logits, _ = output_layer(hidden_states, weight=weight)
     if labels is not None:
         return language_model_loss(labels, logits, fp16_lm_cross_entropy)

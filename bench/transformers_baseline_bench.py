@@ -1,0 +1,107 @@
+r"""Our training step against a plain Hugging Face loop on the same shapes, side by side in one run.
+
+    python bench/transformers_baseline_bench.py --num-layers 4 --hidden-size 256 --seq-length 256 --micro-batch-size 8
+    python bench/transformers_baseline_bench.py --num-layers 8 --hidden-size 512 --seq-length 512 --micro-batch-size 4 --bf16
+
+The baseline is `transformers`' LlamaForCausalLM (SDPA attention, untied embeddings, no biases) trained with
+`torch.optim.AdamW` (torch's default implementation) on random token ids, in fp32 or under bf16 autocast with
+`--bf16`; ours is bench/train_bench.py (the training loop's own step: forward, backward, optimizer) at the same
+sizes (vocabulary 32000, SwiGLU width --ffn-hidden-size, one process). Each prints tokens/s over the same
+number of timed steps after the same warm-up; the last line gives both and their ratio.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 32000
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-attention-heads", type=int, default=None, help="Default: hidden size / 64.")
+    parser.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 8/3 x hidden, a multiple of 64.")
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true", help="bf16 for both (autocast for the baseline).")
+    parser.add_argument("--bench-iters", type=int, default=8)
+    parser.add_argument("--bench-warmup", type=int, default=2)
+    args = parser.parse_args()
+    args.num_attention_heads = args.num_attention_heads or max(1, args.hidden_size // 64)
+    args.ffn_hidden_size = args.ffn_hidden_size or -(-8 * args.hidden_size // 3 // 64) * 64
+    return args
+
+
+def transformers_tokens_per_second(args) -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_attention_heads, max_position_embeddings=args.seq_length,
+        tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    tokens = torch.randint(0, VOCAB, (args.micro_batch_size, args.seq_length))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.bench_warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.bench_iters):
+        step()
+    return args.bench_iters * args.micro_batch_size * args.seq_length / (time.perf_counter() - started)
+
+
+def our_tokens_per_second(args) -> float:
+    command = [
+        sys.executable, os.path.join(REPO_ROOT, "bench", "train_bench.py"),
+        "--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
+        "--num-attention-heads", args.num_attention_heads, "--ffn-hidden-size", args.ffn_hidden_size,
+        "--seq-length", args.seq_length, "--max-position-embeddings", args.seq_length,
+        "--micro-batch-size", args.micro_batch_size, "--global-batch-size", args.micro_batch_size,
+        "--bench-iters", args.bench_iters, "--bench-warmup", args.bench_warmup, "--device", "cpu",
+        *(["--bf16"] if args.bf16 else []),
+    ]
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        sys.exit(f"train_bench.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    figure = re.findall(r"tokens/s: ([\d.]+)", result.stdout)
+    if not figure:
+        sys.exit(f"train_bench.py printed no tokens/s:\n{result.stdout[-2000:]}")
+    print(result.stdout.strip().splitlines()[-1])
+    return float(figure[-1])
+
+
+def main() -> int:
+    args = parse_args()
+    ours = our_tokens_per_second(args)
+    theirs = transformers_tokens_per_second(args)
+    shape = (
+        f"{args.num_layers} layers x hidden {args.hidden_size} (ffn {args.ffn_hidden_size}, {args.num_attention_heads} "
+        f"heads), seq {args.seq_length}, micro batch {args.micro_batch_size}, vocab {VOCAB}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads"
+    )
+    print(f"vs transformers [{shape}]: ours {ours:.0f} tokens/s, LlamaForCausalLM+AdamW {theirs:.0f} tokens/s, "
+          f"ratio {ours / theirs:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
