@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.dist_checkpointing.serialization import load_entries
 from tests.conftest import free_port
 from tests.functional_tests.training_runs import run_pretrain
 from tests.unit_tests.core.dist_checkpointing.test_megatron_interop import REFERENCE_PRELUDE
@@ -36,7 +35,7 @@ def to_torch_dist(convert, load_type, load_dir, save_dir, *extra):
 def read_tensor(directory, key, shape, dtype=torch.float32):
     """One whole global tensor of a torch_dist directory."""
     tensor = torch.empty(shape, dtype=dtype)
-    load_entries(str(directory), dist_checkpointing.read_checkpoint_metadata(str(directory)),
+    dist_checkpointing.load_entries(str(directory), dist_checkpointing.read_checkpoint_metadata(str(directory)),
                  [ShardedTensor(key, tensor, shape, (0,) * len(shape))], [])
     return tensor
 
