@@ -25,7 +25,6 @@ from megatron.core.dist_checkpointing.gpt_layout import (
     sharded_model_state,
     stacks_layers,
 )
-from megatron.core.dist_checkpointing.serialization import load_entries
 from megatron.core.models.gpt.checkpoint_names import transformer_engine_to_local_names
 from megatron.core.tensor_parallel.state_dict_sharding import SplitRule, merge_state_dicts, split_rules, split_state_dict
 from megatron.core.transformer.pipeline_layout import merge_pipeline, split_pipeline
@@ -421,7 +420,7 @@ def _read_torch_dist_directory(directory: str) -> Tuple[argparse.Namespace, Stat
                 shape = saved_tensor.size
         state[name] = torch.empty(shape, dtype=dtype)
         blocks += layout.sharded_tensors(name, state[name], names)
-    load_entries(directory, metadata, blocks, [])
+    dist_checkpointing.load_entries(directory, metadata, blocks, [])
     return args, state
 
 

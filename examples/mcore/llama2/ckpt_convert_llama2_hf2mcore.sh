@@ -3,6 +3,8 @@
 # mcore checkpoint at a chosen tensor/pipeline layout. Train from it with
 #   --load $SAVE_DIR --finetune   (or --no-load-optim --no-load-rng)
 # Override any variable from the environment.
+# CKPT_FORMAT=torch_dist writes Megatron's distributed checkpoint instead (loads at any layout with
+# --ckpt-format torch_dist).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -17,6 +19,7 @@ python tools/checkpoint/convert.py \
     --model-type-hf llama2 \
     --load-dir "$LOAD_DIR" \
     --save-dir "$SAVE_DIR" \
+    ${CKPT_FORMAT:+--save-ckpt-format "$CKPT_FORMAT"} \
     --target-tensor-parallel-size "$TP" \
     --target-pipeline-parallel-size "$PP" \
     --use-mcore-models

@@ -3,6 +3,8 @@
 # mcore checkpoint at a chosen tensor/pipeline/expert layout. Train from it with
 #   --load $SAVE_DIR --finetune   (or --no-load-optim --no-load-rng)
 # Override any variable from the environment.
+# CKPT_FORMAT=torch_dist writes Megatron's distributed checkpoint instead (loads at any layout with
+# --ckpt-format torch_dist).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -18,6 +20,7 @@ python tools/checkpoint/convert.py \
     --model-type-hf mixtral \
     --load-dir "$LOAD_DIR" \
     --save-dir "$SAVE_DIR" \
+    ${CKPT_FORMAT:+--save-ckpt-format "$CKPT_FORMAT"} \
     --target-tensor-parallel-size "$TP" \
     --target-pipeline-parallel-size "$PP" \
     --target-expert-parallel-size "$EP" \

@@ -10,11 +10,10 @@ from safetensors.torch import load_file
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.dist_checkpointing.serialization import load_entries
 from tests.conftest import free_port
 from tests.functional_tests.training_runs import run_pretrain
 from tests.unit_tests.core.dist_checkpointing.test_megatron_interop import REFERENCE_PRELUDE
-from tests.unit_tests.tools.conftest import VOCAB, assert_same_safetensors
+from tests.unit_tests.tools.conftest import VOCAB, assert_logits_match_transformers, assert_same_safetensors
 from tests.unit_tests.tools.test_convert import hf_to_mg, mg_to_mg
 from tools.checkpoint.checkpoint_files import read_megatron_checkpoint
 from tools.checkpoint.convert import main as convert_main
@@ -36,7 +35,7 @@ def to_torch_dist(convert, load_type, load_dir, save_dir, *extra):
 def read_tensor(directory, key, shape, dtype=torch.float32):
     """One whole global tensor of a torch_dist directory."""
     tensor = torch.empty(shape, dtype=dtype)
-    load_entries(str(directory), dist_checkpointing.read_checkpoint_metadata(str(directory)),
+    dist_checkpointing.load_entries(str(directory), dist_checkpointing.read_checkpoint_metadata(str(directory)),
                  [ShardedTensor(key, tensor, shape, (0,) * len(shape))], [])
     return tensor
 
@@ -48,6 +47,13 @@ def test_hf_torch_dist_hf_round_trip_is_bit_identical(family, request, convert, 
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", family,
             "--load-dir", tmp_path / "dist", "--save-dir", tmp_path / "hf")
     assert_same_safetensors(hf_dir, tmp_path / "hf")
+
+
+def test_generate_reads_torch_dist(hf_llama_dir, convert, load_converted, tmp_path):
+    """tools/generate.py's loader reads either format: transformers' logits from the torch_dist checkpoint."""
+    to_torch_dist(convert, "hf", hf_llama_dir, tmp_path / "dist", "--model-type-hf", "llama3")
+    model, _ = load_converted(tmp_path / "dist")
+    assert_logits_match_transformers(model, hf_llama_dir)
 
 
 def test_torch_dist_output_is_megatrons_layout(hf_llama_dir, convert, tmp_path):
