@@ -134,10 +134,9 @@ class _BlockSavePlanner(DefaultSavePlanner):
         return object
 
 
-def _write_plan(sharded: List[Any]) -> Tuple[Dict[str, Any], Dict[str, WriteItem]]:
-    """({entry name: CPU copy of the data}, {entry name: its write item}) for this rank's sharded entries.
-
-    The copies make the save independent of later training steps (what --async-save needs)."""
+def _write_plan(sharded: List[Any], copy: bool) -> Tuple[Dict[str, Any], Dict[str, WriteItem]]:
+    """({entry name: the data}, {entry name: its write item}) for this rank's sharded entries; with `copy` the
+    data are CPU copies, independent of later training steps (what an asynchronous save needs)."""
     state, items = {}, {}
     for number, entry in enumerate(sharded):
         name = f"{number}:{entry.key}"
@@ -145,7 +144,8 @@ def _write_plan(sharded: List[Any]) -> Tuple[Dict[str, Any], Dict[str, WriteItem
             state[name] = _object_bytes(entry.data)
             items[name] = WriteItem(index=MetadataIndex(entry.unique_key), type=WriteItemType.BYTE_IO)
             continue
-        data = entry.local_view().detach().to("cpu", copy=True).contiguous()
+        data = entry.local_view().detach()
+        data = data.to("cpu", copy=True) if copy else data.contiguous()
         state[name] = data
         items[name] = WriteItem(
             index=MetadataIndex(entry.key, torch.Size(entry.global_offset)),
@@ -251,7 +251,7 @@ def save(
         raise CheckpointingException(f"unsupported sharded strategy {sharded_strategy!r}: only torch_dist is")
     sharded, common_state = extract_sharded(sharded_state_dict)
     os.makedirs(checkpoint_dir, exist_ok=True)
-    state, items = _write_plan(sharded)
+    state, items = _write_plan(sharded, copy=async_sharded_save)
 
     def finalize():
         if _is_coordinator(None):
