@@ -281,6 +281,14 @@ class Progress:
         )
 
 
+def _start_worker(encoder: Encoder) -> None:
+    """A pool worker's start: SIGTERM back to its default action, then the tokenizer. The parent's handler (raise
+    SystemExit, for its own clean-up) would be inherited by the fork, and a worker blocked on the task queue's
+    lock does not always reach it, so Pool.terminate(), which ends workers with SIGTERM, could wait forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    encoder.initializer()
+
+
 def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefixes: Dict[str, str], workers: int, label: str):
     """Tokenize records [start, stop) of the input into one dataset per key at `prefixes[key]`."""
     encoder = Encoder(args)
@@ -289,7 +297,7 @@ def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefix
     builders = {key: IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype) for key, prefix in prefixes.items()}
     progress = Progress()
     records = _take(iter_records(paths, args.json_keys), start, stop)
-    pool = multiprocessing.Pool(workers, initializer=encoder.initializer) if workers > 1 else None
+    pool = multiprocessing.Pool(workers, initializer=_start_worker, initargs=(encoder,)) if workers > 1 else None
     try:
         encoded = pool.imap(encoder.encode_record, records, 64) if pool else map(encoder.encode_record, records)
         for result in encoded:
@@ -306,6 +314,9 @@ def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefix
             progress.input_bytes += size
             if args.log_interval and progress.documents % args.log_interval == 0:
                 print(f"{label}processed {progress.rates()}", file=sys.stderr, flush=True)
+        if pool:  # every task is done: let the workers finish on their own rather than by signal
+            pool.close()
+            pool.join()
         for key, builder in builders.items():
             builder.finalize(get_idx_path(prefixes[key]))
     except BaseException as error:
