@@ -394,6 +394,24 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floati
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
 
 
+def _run_state(args, iteration, num_floating_point_operations_so_far) -> dict:
+    """What both formats save besides model, optimizer and RNG: the args (with the data position), the format
+    version, the iteration and the FLOPs so far."""
+    return {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
+    }
+
+
+def _restore_data_position(args, checkpoint_args) -> None:
+    """Continue the data where the checkpoint's run stopped."""
+    args.consumed_train_samples = getattr(checkpoint_args, "consumed_train_samples", 0)
+    args.skipped_train_samples = getattr(checkpoint_args, "skipped_train_samples", 0)
+    args.consumed_valid_samples = getattr(checkpoint_args, "consumed_valid_samples", 0)
+
+
 def _save_torch_format(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far, rng_state):
     args = get_args()
     checkpoint_name = get_checkpoint_name(args.save, iteration)
@@ -402,13 +420,7 @@ def _save_torch_format(iteration, model, optimizer, opt_param_scheduler, num_flo
         optimizer.gather_parameter_state() if args.use_distributed_optimizer and not args.no_save_optim else None
     )
     if _writes_rank_file():
-        state_dict = {
-            "args": args,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
-            **_model_state_dicts(model),
-        }
+        state_dict = {**_run_state(args, iteration, num_floating_point_operations_so_far), **_model_state_dicts(model)}
         if not args.no_save_optim:
             state_dict["optimizer"] = optimizer.state_dict()
             state_dict["opt_param_scheduler"] = opt_param_scheduler.state_dict()
@@ -425,12 +437,7 @@ def _save_torch_dist(iteration, model, optimizer, opt_param_scheduler, num_float
     if _rank_and_world()[0] == 0 and os.path.exists(directory):
         shutil.rmtree(directory)  # re-saving an iteration: its old files must not mix with the new ones
     _barrier()
-    common_state = {
-        "args": args,
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": iteration,
-        "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
-    }
+    common_state = _run_state(args, iteration, num_floating_point_operations_so_far)
     if not args.no_save_optim:
         common_state["optimizer"] = {"hyperparameters": optimizer.hyperparameter_state()}
         common_state["opt_param_scheduler"] = opt_param_scheduler.state_dict()
@@ -769,9 +776,7 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
     else:
         iteration = state_dict["iteration"]
         if checkpoint_args is not None:
-            args.consumed_train_samples = getattr(checkpoint_args, "consumed_train_samples", 0)
-            args.skipped_train_samples = getattr(checkpoint_args, "skipped_train_samples", 0)
-            args.consumed_valid_samples = getattr(checkpoint_args, "consumed_valid_samples", 0)
+            _restore_data_position(args, checkpoint_args)
     if weights_only or args.no_load_optim:
         optimizer.reload_model_params()
     else:
@@ -836,9 +841,7 @@ def _load_torch_dist_checkpoint(model, optimizer, opt_param_scheduler, checkpoin
     checkpoint_args = common.get("args")
     iteration = 0 if weights_only else common["iteration"]
     if not weights_only and checkpoint_args is not None:
-        args.consumed_train_samples = getattr(checkpoint_args, "consumed_train_samples", 0)
-        args.skipped_train_samples = getattr(checkpoint_args, "skipped_train_samples", 0)
-        args.consumed_valid_samples = getattr(checkpoint_args, "consumed_valid_samples", 0)
+        _restore_data_position(args, checkpoint_args)
     if load_optimizer:
         try:
             opt_param_scheduler.load_state_dict(common["opt_param_scheduler"])
