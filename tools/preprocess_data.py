@@ -6,6 +6,7 @@ same input, tokenizer and flags, whatever --workers and --partitions are.
 """
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import glob
@@ -35,6 +36,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
 from megatron.training.arguments import add_tokenizer_args  # noqa: E402
 from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
+from tools.ordered_worker_pool import OrderedWorkerPool, WorkerDied  # noqa: E402
 
 # With --split-sentences Megatron-LM hands text to the sentence splitter in slices of this many characters
 # (a sentence never spans two); without it the whole text is tokenized at once, even when it is empty.
@@ -281,14 +283,6 @@ class Progress:
         )
 
 
-def _start_worker(encoder: Encoder) -> None:
-    """A pool worker's start: SIGTERM back to its default action, then the tokenizer. The parent's handler (raise
-    SystemExit, for its own clean-up) would be inherited by the fork, and a worker blocked on the task queue's
-    lock does not always reach it, so Pool.terminate(), which ends workers with SIGTERM, could wait forever."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    encoder.initializer()
-
-
 def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefixes: Dict[str, str], workers: int, label: str):
     """Tokenize records [start, stop) of the input into one dataset per key at `prefixes[key]`."""
     encoder = Encoder(args)
@@ -297,36 +291,33 @@ def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefix
     builders = {key: IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype) for key, prefix in prefixes.items()}
     progress = Progress()
     records = _take(iter_records(paths, args.json_keys), start, stop)
-    pool = multiprocessing.Pool(workers, initializer=_start_worker, initargs=(encoder,)) if workers > 1 else None
     try:
-        encoded = pool.imap(encoder.encode_record, records, 64) if pool else map(encoder.encode_record, records)
-        for result in encoded:
-            if isinstance(result, BadRecord):
-                if not args.skip_bad_lines:
-                    raise PreprocessError(f"{result.location}: {result.reason} (--skip-bad-lines skips such records)")
-                progress.skipped.append(f"{result.location}: {result.reason}")
-                continue
-            ids, lengths, size = result
-            for key, builder in builders.items():
-                builder.add_document(ids[key], lengths[key])
-                progress.tokens += len(ids[key])
-            progress.documents += 1
-            progress.input_bytes += size
-            if args.log_interval and progress.documents % args.log_interval == 0:
-                print(f"{label}processed {progress.rates()}", file=sys.stderr, flush=True)
-        if pool:  # every task is done: let the workers finish on their own rather than by signal
-            pool.close()
-            pool.join()
+        pool = OrderedWorkerPool(workers, encoder.initializer, encoder.encode_record) if workers > 1 else None
+        with pool or contextlib.nullcontext():
+            encoded = pool.map(records) if pool else map(encoder.encode_record, records)
+            for result in encoded:
+                if isinstance(result, BadRecord):
+                    if not args.skip_bad_lines:
+                        raise PreprocessError(f"{result.location}: {result.reason} (--skip-bad-lines skips such records)")
+                    progress.skipped.append(f"{result.location}: {result.reason}")
+                    continue
+                ids, lengths, size = result
+                for key, builder in builders.items():
+                    builder.add_document(ids[key], lengths[key])
+                    progress.tokens += len(ids[key])
+                progress.documents += 1
+                progress.input_bytes += size
+                if args.log_interval and progress.documents % args.log_interval == 0:
+                    print(f"{label}processed {progress.rates()}", file=sys.stderr, flush=True)
         for key, builder in builders.items():
             builder.finalize(get_idx_path(prefixes[key]))
     except BaseException as error:
         for builder in builders.values():
             builder.abort()
+        if isinstance(error, WorkerDied):
+            raise PreprocessError(f"{label}tokenizer {error}") from None
         raise_if_disk_full(error, args, _estimated_output_bytes(args, paths, progress, numpy.dtype(dtype).itemsize))
         raise
-    finally:
-        if pool:
-            pool.terminate()
     return progress
 
 

@@ -234,27 +234,43 @@ def _running(pid):
         return False
 
 
+def _kill_parent(parent):
+    parent.kill()
+    assert parent.wait() == -signal.SIGKILL
+
+
+def _terminate_group(parent):
+    """What torchrun, Slurm and Kubernetes do on a stop: SIGTERM to the whole group, workers included."""
+    os.killpg(parent.pid, signal.SIGTERM)
+    assert parent.wait(timeout=20) == 128 + signal.SIGTERM
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
-def test_partitions_stop_and_leave_nothing_when_the_parent_is_killed(tmp_path, paragraphs):
+@pytest.mark.parametrize(
+    "partitions,stop", [(2, _kill_parent), (1, _terminate_group), (2, _terminate_group)], ids=["kill-parent", "sigterm-group", "sigterm-group-partitions"]
+)
+def test_a_stop_ends_every_process_and_leaves_nothing(tmp_path, paragraphs, partitions, stop):
+    """Partitions stop when their parent dies, even by SIGKILL; tokenizer workers when their parent stops."""
     source = write_jsonl(tmp_path / "in.jsonl", paragraphs * 400)
-    flags = ["--input", source, "--output-prefix", tmp_path / "out", "--log-interval", 0, *gpt2_flags(), "--partitions", 2, "--workers", 4]
+    flags = ["--input", source, "--output-prefix", tmp_path / "out", "--log-interval", 0, *gpt2_flags(), "--partitions", partitions, "--workers", 4]
     parent = subprocess.Popen([sys.executable, PREPROCESS, *map(str, flags)], start_new_session=True)
-    partitions = []
+    expected = 4 if partitions == 1 else 6  # 4 tokenizer workers, or 2 partitions with 2 each
+    writing = ".partition1." if partitions > 1 else ".bin"
+    processes = []
     try:
         deadline = time.time() + 60
-        while (len(partitions) < 6 or not any(".partition1." in name for name in os.listdir(tmp_path))) and time.time() < deadline:
+        while (len(processes) < expected or not any(writing in name for name in os.listdir(tmp_path))) and time.time() < deadline:
             time.sleep(0.05)
-            partitions = _descendants(parent.pid)
-        assert len(partitions) == 6 and parent.poll() is None, "two partitions with two tokenizer workers each, writing"
-        parent.kill()
-        parent.wait()
+            processes = _descendants(parent.pid)
+        assert len(processes) == expected and parent.poll() is None, "every process started, output being written"
+        stop(parent)
         deadline = time.time() + 5
-        while any(map(_running, partitions)) and time.time() < deadline:
+        while any(map(_running, processes)) and time.time() < deadline:
             time.sleep(0.05)
-        assert not any(map(_running, partitions)), "the partition processes outlived their parent"
+        assert not any(map(_running, processes)), "a process outlived the stop"
         assert os.listdir(tmp_path) == ["in.jsonl"]
     finally:
-        for pid in [parent.pid, *partitions]:
+        for pid in [parent.pid, *processes]:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
 
