@@ -1512,6 +1512,38 @@ def add_performance_args(parser):
         help="Compute the training loss from the full fp32 logits of each micro batch instead of from the output "
         "layer's input a chunk of tokens at a time.",
     )
+    group.add_argument(
+        "--torch-compile-fusions",
+        action="store_true",
+        help="Compile RMSNorm, the SwiGLU activation and RoPE with torch.compile into fused kernels (C++/OpenMP on "
+        "CPU, which needs a C++ compiler; Triton on GPU). The first step of each new shape pays the compile time.",
+    )
+    group.add_argument(
+        "--no-bias-swiglu-fusion",
+        action="store_false",
+        dest="bias_swiglu_fusion",
+        help="Keep the SwiGLU activation eager under --torch-compile-fusions.",
+    )
+    group.add_argument(
+        "--no-rope-fusion",
+        action="store_false",
+        dest="apply_rope_fusion",
+        help="Keep RoPE eager under --torch-compile-fusions.",
+    )
+    # Megatron-LM's switches for apex / Transformer Engine kernels this project does not use: accepted so its
+    # scripts run unchanged, each saying what happens here instead.
+    for flag, instead in (
+        ("--no-gradient-accumulation-fusion", "weight gradients are accumulated into the main_grad buffers by a hook"),
+        ("--no-masked-softmax-fusion", "attention's softmax is always torch's scaled_dot_product_attention"),
+        ("--no-bias-dropout-fusion", "bias + dropout + residual add is always the same eager code"),
+        ("--no-persist-layer-norm", "norms always use torch's own LayerNorm / RMSNorm kernels"),
+    ):
+        group.add_argument(flag, action="store_false", dest=flag[5:].replace("-", "_"), help=f"No effect here: {instead}.")
+    group.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="No effect here: the loss is already fused with the output layer (see --no-fused-output-cross-entropy).",
+    )
     return parser
 
 

@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch.nn.functional as F
 
 from megatron.core.fusions.fused_bias_gelu import bias_gelu, tanh_gelu
+from megatron.core.fusions.compiled import compiled
 from megatron.core.fusions.fused_bias_swiglu import bias_gated_activation
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -30,7 +31,9 @@ def apply_mlp_activation(intermediate, bias, config: TransformerConfig):
     """act(x + b), or act(gate) * up for gated units (the projection holds [gate; up] on every rank)."""
     activation = activation_of(config)
     if config.gated_linear_unit:
-        return bias_gated_activation(intermediate, bias, activation)
+        fused = config.torch_compile_fusions and config.bias_activation_fusion
+        gated_activation = compiled(bias_gated_activation) if fused else bias_gated_activation
+        return gated_activation(intermediate, bias, activation)
     if activation is tanh_gelu:
         return bias_gelu(bias, intermediate)
     return activation(intermediate if bias is None else intermediate + bias)

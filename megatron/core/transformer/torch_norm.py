@@ -2,6 +2,7 @@
 
 import torch
 
+from megatron.core.fusions.compiled import CompiledRMSNorm
 from megatron.core.tensor_parallel.layers import parameter_device
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -24,7 +25,8 @@ def build_head_norm(config: TransformerConfig, head_dim: int) -> torch.nn.Module
 
 
 class WrappedTorchNorm:
-    """Builds torch.nn.LayerNorm or torch.nn.RMSNorm (state-dict keys `weight` and, for LayerNorm, `bias`)."""
+    """Builds torch.nn.LayerNorm or torch.nn.RMSNorm (state-dict keys `weight` and, for LayerNorm, `bias`); the
+    RMSNorm compiled under `config.torch_compile_fusions`."""
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = None):
         eps = config.layernorm_epsilon if eps is None else eps
@@ -32,6 +34,7 @@ class WrappedTorchNorm:
         if config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype, device=device)
         else:
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype, device=device)
+            rms_norm = CompiledRMSNorm if config.torch_compile_fusions else torch.nn.RMSNorm
+            norm = rms_norm(hidden_size, eps=eps, dtype=config.params_dtype, device=device)
         _mark_sequence_parallel(norm, config)
         return norm

@@ -49,8 +49,14 @@ class TransformerConfig(ModelParallelConfig):
     gated_linear_unit: bool = False
     activation_func: Callable = F.gelu
     bias_activation_fusion: bool = False
-    """With GeLU this selects Megatron's fused bias-GeLU, the tanh approximation (GPT-2's "gelu_new")."""
+    """With GeLU this selects Megatron's fused bias-GeLU, the tanh approximation (GPT-2's "gelu_new"); with a
+    gated unit, the compiled activation when torch_compile_fusions is on."""
+    apply_rope_fusion: bool = False
+    """The compiled RoPE when torch_compile_fusions is on."""
     rotary_interleaved: bool = False
+    torch_compile_fusions: bool = False
+    """RMSNorm through torch.compile (megatron.core.fusions.compiled), and the gated MLP activation and RoPE
+    where bias_activation_fusion / apply_rope_fusion ask for their fused forms."""
     fused_output_cross_entropy: bool = True
     """Training loss straight from the output layer's input, a chunk of tokens at a time, without the fp32
     logits of the whole micro batch (same losses and gradients within rounding)."""

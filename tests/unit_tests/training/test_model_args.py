@@ -33,6 +33,21 @@ def test_fused_output_cross_entropy_is_on_unless_turned_off(flags, fused):
     assert core_transformer_config_from_args(validated(*GPT, *flags)).fused_output_cross_entropy is fused
 
 
+@pytest.mark.parametrize(
+    "flags, compiled, swiglu, rope",
+    [((), False, True, True), (("--torch-compile-fusions",), True, True, True),
+     (("--torch-compile-fusions", "--no-bias-swiglu-fusion", "--no-rope-fusion"), True, False, False)],
+)
+def test_torch_compile_fusions_are_off_unless_asked_for(flags, compiled, swiglu, rope):
+    config = core_transformer_config_from_args(validated(*LLAMA, *flags))
+    assert (config.torch_compile_fusions, config.bias_activation_fusion, config.apply_rope_fusion) == (compiled, swiglu, rope)
+
+
+def test_megatron_kernel_switches_are_accepted():
+    validated(*LLAMA, "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+              "--no-persist-layer-norm", "--cross-entropy-loss-fusion")
+
+
 def test_classic_gpt_comes_from_the_defaults():
     args = validated(*GPT)
     config = core_transformer_config_from_args(args)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron.core.fusions.compiled import compiled
 from megatron.core.inference_params import InferenceParams
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
@@ -133,6 +134,27 @@ def test_fused_output_cross_entropy_gives_the_unfused_losses_and_gradients(legac
     assert fused_grads.keys() == unfused_grads.keys()
     for name, grad in unfused_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=5e-5, msg=name)  # gradients up to ~20
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["mcore", "legacy"])
+def test_torch_compile_fusions_give_the_same_losses_and_gradients(legacy, monkeypatch):
+    """RMSNorm, SwiGLU and RoPE compiled (fused loops, another summation order) against the eager ops."""
+    compiled.cache_clear()
+    compile_calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function: compile_calls.append(function) or real_compile(function))
+    ids = tokens()
+    results = []
+    for fusions in (False, True):
+        model = make_model(legacy, torch_compile_fusions=fusions, bias_activation_fusion=True, apply_rope_fusion=True).train()
+        loss = model(ids[:, :-1], None, None, labels=ids[:, 1:])
+        loss.mean().backward()
+        results.append((loss.detach(), {name: param.grad for name, param in model.named_parameters()}))
+    assert sorted(function.__name__ for function in compile_calls) == ["_rotate", "bias_gated_activation", "rms_norm"]
+    (eager_loss, eager_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bf16_model_stays_close_to_float32_and_its_loss_is_float32():

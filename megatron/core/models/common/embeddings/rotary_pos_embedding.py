@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.fusions.compiled import compiled
 from megatron.core.tensor_parallel.layers import default_device
 from megatron.core.transformer.context_parallel_attention import load_balanced_indices
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -115,11 +116,16 @@ def apply_rotary_pos_emb(
     channels as DeepSeek's interleaved pairs (x0, x1), (x2, x3) ...: they are de-interleaved (even channels,
     then odd) before an ordinary rotate-half rotation, so the output comes back in de-interleaved order, as in
     HF's `apply_rotary_pos_emb_interleave`."""
+    rotate = compiled(_rotate) if config.torch_compile_fusions and config.apply_rope_fusion else _rotate
+    return rotate(t, freqs, mscale, mla_rotary_interleaved, config.rotary_interleaved)
+
+
+def _rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float, deinterleave: bool, interleaved: bool) -> torch.Tensor:
     rotary_dim = freqs.size(-1)
     t_rotary, t_pass = t[..., :rotary_dim], t[..., rotary_dim:]
-    if mla_rotary_interleaved:
+    if deinterleave:
         t_rotary = torch.cat((t_rotary[..., 0::2], t_rotary[..., 1::2]), dim=-1)
     cos = (torch.cos(freqs) * mscale).to(t.dtype)
     sin = (torch.sin(freqs) * mscale).to(t.dtype)
-    t_rotary = t_rotary * cos + _rotate_half(t_rotary, config.rotary_interleaved) * sin
+    t_rotary = t_rotary * cos + _rotate_half(t_rotary, interleaved) * sin
     return torch.cat((t_rotary, t_pass), dim=-1)
