@@ -255,6 +255,16 @@ class Encoder:
             ids[key], lengths[key] = document_ids, sentence_lengths
         return ids, lengths, size
 
+    def encode_record_as_arrays(self, item):
+        """encode_record in a worker process: the token ids as numpy arrays of the dataset's dtype, which cross
+        the pipe to the writer as raw bytes instead of one pickled int each."""
+        result = self.encode_record(item)
+        if isinstance(result, BadRecord):
+            return result
+        ids, lengths, size = result
+        dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
+        return {key: numpy.array(document_ids, dtype=dtype) for key, document_ids in ids.items()}, lengths, size
+
 
 # ---------------------------------------------------------------------------------------------- output
 
@@ -292,7 +302,7 @@ def encode_range(args, paths: List[str], start: int, stop: Optional[int], prefix
     progress = Progress()
     records = _take(iter_records(paths, args.json_keys), start, stop)
     try:
-        pool = OrderedWorkerPool(workers, encoder.initializer, encoder.encode_record) if workers > 1 else None
+        pool = OrderedWorkerPool(workers, encoder.initializer, encoder.encode_record_as_arrays) if workers > 1 else None
         with pool or contextlib.nullcontext():
             encoded = pool.map(records) if pool else map(encoder.encode_record, records)
             for result in encoded:
