@@ -42,7 +42,7 @@ def core_transformer_config_from_args(args, config_class=TransformerConfig) -> T
     if args.swiglu:
         kwargs["activation_func"] = F.silu
         kwargs["gated_linear_unit"] = True
-        kwargs["bias_activation_fusion"] = bool(args.bias_swiglu_fusion)
+        kwargs["bias_activation_fusion"] = bool(getattr(args, "bias_swiglu_fusion", True))  # not in older saved args
     else:
         kwargs["bias_activation_fusion"] = bool(args.bias_gelu_fusion)
     return config_class(**kwargs)
