@@ -7,14 +7,16 @@ The baseline is `transformers`' LlamaForCausalLM (SDPA attention, untied embeddi
 `torch.optim.AdamW` (torch's default implementation) on random token ids, in fp32 or under bf16 autocast with
 `--bf16`; ours is bench/train_bench.py (the training loop's own step: forward, backward, optimizer) at the same
 sizes (vocabulary 32000, SwiGLU width --ffn-hidden-size, one process). Each prints tokens/s over the same
-number of timed steps after the same warm-up; the last line gives both and their ratio, in wall time and in CPU
-time per step (which other jobs on the cores disturb less).
+number of timed steps after the same warm-up. Timings on a shared or virtual machine drift by 10-30% between
+identical runs, so the two alternate for --rounds rounds (which goes first alternates too); the last line gives
+the median tokens/s of each, the median of the per-round ratios, and the same in CPU time per step.
 """
 
 import argparse
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +38,7 @@ def parse_args():
     parser.add_argument("--bf16", action="store_true", help="bf16 for both (autocast for the baseline).")
     parser.add_argument("--bench-iters", type=int, default=8)
     parser.add_argument("--bench-warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating runs of each; medians are reported.")
     args, args.train_bench_flags = parser.parse_known_args()  # other flags go to train_bench.py (our side only)
     args.num_attention_heads = args.num_attention_heads or max(1, args.hidden_size // 64)
     args.ffn_hidden_size = args.ffn_hidden_size or -(-8 * args.hidden_size // 3 // 64) * 64
@@ -101,15 +104,24 @@ def our_tokens_per_second(args):
 
 def main() -> int:
     args = parse_args()
-    ours, our_cpu = our_tokens_per_second(args)
-    theirs, their_cpu = transformers_tokens_per_second(args)
+    ours, theirs = [], []  # (tokens/s, CPU s per step) per round
+    for round_index in range(args.rounds):
+        runs = [(ours, our_tokens_per_second), (theirs, transformers_tokens_per_second)]
+        for results, run in runs if round_index % 2 == 0 else runs[::-1]:
+            results.append(run(args))
+        print(f"round {round_index + 1}: ours {ours[-1][0]:.0f} tokens/s, transformers {theirs[-1][0]:.0f} tokens/s, "
+              f"ratio {ours[-1][0] / theirs[-1][0]:.2f}x", flush=True)
     shape = (
         f"{args.num_layers} layers x hidden {args.hidden_size} (ffn {args.ffn_hidden_size}, {args.num_attention_heads} "
         f"heads), seq {args.seq_length}, micro batch {args.micro_batch_size}, vocab {VOCAB}, "
-        f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads"
+        f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, median of {args.rounds} rounds"
     )
-    print(f"vs transformers [{shape}]: ours {ours:.0f} tokens/s ({our_cpu:.2f} CPU s/step), LlamaForCausalLM+AdamW "
-          f"{theirs:.0f} tokens/s ({their_cpu:.2f} CPU s/step), ratio {ours / theirs:.2f}x (CPU time {their_cpu / our_cpu:.2f}x)")
+    speed_ratio = statistics.median(mine[0] / baseline[0] for mine, baseline in zip(ours, theirs))
+    cpu_ratio = statistics.median(baseline[1] / mine[1] for mine, baseline in zip(ours, theirs))
+    print(f"vs transformers [{shape}]: ours {statistics.median(r[0] for r in ours):.0f} tokens/s "
+          f"({statistics.median(r[1] for r in ours):.2f} CPU s/step), LlamaForCausalLM+AdamW "
+          f"{statistics.median(r[0] for r in theirs):.0f} tokens/s ({statistics.median(r[1] for r in theirs):.2f} CPU "
+          f"s/step), ratio {speed_ratio:.2f}x (CPU time {cpu_ratio:.2f}x)")
     return 0
 
 
