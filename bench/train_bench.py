@@ -75,14 +75,18 @@ def add_bench_args(parser):
 def random_batches(args):
     """Endless micro batches of uniformly random token ids (the same on every run)."""
     generator = torch.Generator().manual_seed(args.seed)
+    causal_mask = torch.ones(args.seq_length, args.seq_length, dtype=torch.bool).triu(1)  # True = masked, as GPTDataset
     while True:
         tokens = torch.randint(0, args.padded_vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=generator)
-        yield {
+        batch = {
             "tokens": tokens[:, :-1],
             "labels": tokens[:, 1:],
             "loss_mask": torch.ones(args.micro_batch_size, args.seq_length),
             "position_ids": torch.arange(args.seq_length).expand(args.micro_batch_size, -1),
         }
+        if args.create_attention_mask_in_dataloader:
+            batch["attention_mask"] = causal_mask.expand(args.micro_batch_size, 1, -1, -1)
+        yield batch
 
 
 def synchronize(args):

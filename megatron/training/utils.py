@@ -108,6 +108,7 @@ def get_batch_on_this_tp_rank(data_iterator) -> dict:
         if not args.create_attention_mask_in_dataloader:
             batch["attention_mask"] = None
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        _check_nothing_awaited_is_missing(batch, fields, args)
         for name in fields:
             if batch[name] is not None:
                 dist.broadcast(
@@ -116,6 +117,20 @@ def get_batch_on_this_tp_rank(data_iterator) -> dict:
                     group=parallel_state.get_tensor_model_parallel_group(),
                 )
     return {name: batch[name] if name in fields else None for name in _BATCH_DTYPES}
+
+
+def _check_nothing_awaited_is_missing(batch: dict, fields, args) -> None:
+    """The other tensor-parallel ranks wait for a broadcast of every field: one that tensor-parallel rank 0's
+    data lacks would leave them waiting forever, so it is an error instead."""
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        return
+    missing = [
+        name for name in fields
+        if batch[name] is None and (name != "attention_mask" or args.create_attention_mask_in_dataloader)
+    ]
+    if missing:
+        hint = "; without an attention mask pass --no-create-attention-mask-in-dataloader" if "attention_mask" in missing else ""
+        raise ValueError(f"the micro batch has no {', '.join(missing)}, which the other tensor-parallel ranks wait for{hint}")
 
 
 def get_batch_on_this_cp_rank(batch: dict) -> dict:

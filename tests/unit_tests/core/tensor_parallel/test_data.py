@@ -3,6 +3,7 @@ frozen-weight linear's input gradient, on 2 gloo ranks."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from megatron.core.tensor_parallel import broadcast_data, linear_with_frozen_weight
@@ -31,6 +32,12 @@ def _check(rank):
     assert batch["attention_mask"] is None
     for key, value in _batch().items():
         assert torch.equal(batch[key], value.to(batch[key].dtype)), key
+
+    # A field the other rank waits for but rank 0's data lacks is an error there, not a hang.
+    set_args(SimpleNamespace(device="cpu", micro_batch_size=2, seq_length=4, create_attention_mask_in_dataloader=True))
+    if rank == 0:
+        with pytest.raises(ValueError, match="no attention_mask.*--no-create-attention-mask-in-dataloader"):
+            get_batch_on_this_tp_rank(iter([_batch()]))
     set_args(None)
 
     # Each rank holds half the output features of a frozen weight; the input gradient sums both halves.
