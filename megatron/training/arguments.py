@@ -1068,10 +1068,38 @@ def _check_positions(args) -> None:
 _DERIVED_SHAPE_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size")
 
 
+def _expand_deepseek_moe_flags(args) -> None:
+    """DeepSeek's --first-k-dense-replace and --n-shared-experts written as Megatron's --moe-layer-freq list and
+    --moe-shared-expert-intermediate-size, for training and for the tools that only read model flags."""
+    if not args.num_experts:
+        return
+    if args.first_k_dense_replace is not None and args.first_k_dense_replace >= 0:
+        k, freq = args.first_k_dense_replace, args.moe_layer_freq
+        if isinstance(freq, int):
+            args.moe_layer_freq = [int(layer >= k and layer % freq == 0) for layer in range(args.num_layers)]
+        else:  # a pattern already (saved args were expanded before): it must keep the first k layers dense
+            _require(
+                not any(freq[:k]),
+                f"--first-k-dense-replace {k} makes the first {k} layers dense but --moe-layer-freq {freq} does not; "
+                "give one of them",
+            )
+    if args.n_shared_experts is not None:
+        expert_width = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        _require(expert_width is not None, "--n-shared-experts needs --moe-ffn-hidden-size (the width of one expert)")
+        shared = args.n_shared_experts * expert_width
+        _require(
+            args.moe_shared_expert_intermediate_size in (None, shared),
+            f"--n-shared-experts {args.n_shared_experts} gives a shared width {shared} but "
+            f"--moe-shared-expert-intermediate-size is {args.moe_shared_expert_intermediate_size}; give one of them",
+        )
+        args.moe_shared_expert_intermediate_size = shared or None
+
+
 def validate_model_args(args) -> None:
     """Complete and check the model flags in place: the flag-only rules here, every shape and range rule by
     building the TransformerConfig (which validates itself, naming the flags)."""
     _check_model_stack(args)
+    _expand_deepseek_moe_flags(args)
     _derive_model_flag_defaults(args)
     validate_mtp_args(args)
     try:
@@ -1458,23 +1486,6 @@ def _validate_moe_args(args):
         f"{args.tensor_model_parallel_size}: the torch checkpoint format stores experts in the tensor-parallel "
         "rank files",
     )
-    if args.first_k_dense_replace is not None and args.first_k_dense_replace >= 0:
-        _require(
-            isinstance(args.moe_layer_freq, int),
-            "--first-k-dense-replace takes an integer --moe-layer-freq; give the whole pattern as a list instead",
-        )
-        k, freq = args.first_k_dense_replace, args.moe_layer_freq
-        args.moe_layer_freq = [int(layer >= k and layer % freq == 0) for layer in range(args.num_layers)]
-    if args.n_shared_experts is not None:
-        expert_width = args.moe_ffn_hidden_size or args.ffn_hidden_size
-        _require(expert_width is not None, "--n-shared-experts needs --moe-ffn-hidden-size (the width of one expert)")
-        shared = args.n_shared_experts * expert_width
-        _require(
-            args.moe_shared_expert_intermediate_size in (None, shared),
-            f"--n-shared-experts {args.n_shared_experts} gives a shared width {shared} but "
-            f"--moe-shared-expert-intermediate-size is {args.moe_shared_expert_intermediate_size}; give one of them",
-        )
-        args.moe_shared_expert_intermediate_size = shared or None
 
 
 # MindSpeed-LLM's --context-parallel-algo names for the algorithms of --cp-comm-type.

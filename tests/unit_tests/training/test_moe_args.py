@@ -8,7 +8,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedGemmMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.errors import UserError
-from megatron.training.arguments import parse_args, validate_args
+from megatron.training.arguments import model_flag_parser, parse_args, validate_args, validate_model_args
 from megatron.training.model_config import core_transformer_config_from_args
 
 TRAINING = ["--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--device", "cpu"]
@@ -56,6 +56,17 @@ def test_layer_freq_list_and_mindspeed_aliases():
     args = validated(*MOE, "--first-k-dense-replace", "1", "--n-shared-experts", "2")
     assert (args.moe_layer_freq, args.moe_shared_expert_intermediate_size) == ([0, 1, 1, 1], 32)
     assert validated(*MOE, "--first-k-dense-replace", "-1").moe_layer_freq == 1
+
+
+def test_tools_reading_model_flags_expand_the_deepseek_aliases_too():
+    """tools/generate.py and the converter parse model flags alone (model_flag_parser + validate_model_args)."""
+    args = model_flag_parser().parse_args([*MODEL, *MOE, "--first-k-dense-replace", "1", "--n-shared-experts", "2"])
+    validate_model_args(args)
+    assert (args.moe_layer_freq, args.moe_shared_expert_intermediate_size) == ([0, 1, 1, 1], 32)
+    validate_model_args(args)  # saved args hold both forms: validating them again changes nothing
+    assert (args.moe_layer_freq, args.moe_shared_expert_intermediate_size) == ([0, 1, 1, 1], 32)
+    with pytest.raises(UserError, match="makes the first 2 layers dense but --moe-layer-freq"):
+        validated(*MOE, "--first-k-dense-replace", "2", "--moe-layer-freq", "[0,1,1,1]")
 
 
 def test_model_has_moe_exactly_where_the_pattern_says():
