@@ -52,10 +52,7 @@ class OrderedWorkerPool:
         return self
 
     def __exit__(self, error_type, error, trace) -> None:
-        if error_type is None:
-            self._finish()
-        else:
-            self._kill()
+        self._stop(kill=error_type is not None)
 
     def map(self, items: Iterable) -> Iterator:
         chunks = _chunks(items, self.chunk_size)
@@ -87,17 +84,13 @@ class OrderedWorkerPool:
             raise WorkerDied(f"worker process {process.pid} failed:\n{payload}")
         return payload
 
-    def _finish(self) -> None:
-        for process, task_writer, result_reader in self._workers:
-            task_writer.send(None)
-        for process, task_writer, result_reader in self._workers:
-            process.join()
-            task_writer.close()
-            result_reader.close()
-
-    def _kill(self) -> None:
-        for process, task_writer, result_reader in self._workers:
-            process.kill()
+    def _stop(self, kill: bool) -> None:
+        """After a clean run each worker is told to finish; after an error every worker is killed."""
+        for process, task_writer, _ in self._workers:
+            if kill:
+                process.kill()
+            else:
+                task_writer.send(None)
         for process, task_writer, result_reader in self._workers:
             process.join()
             task_writer.close()
