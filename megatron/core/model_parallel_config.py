@@ -29,6 +29,10 @@ class ModelParallelConfig:
     """Build every full weight on the CPU from the seed and keep this rank's slice, so any layout starts
     from the same weights; otherwise each rank initialises its own slice on its device."""
 
+    gradient_accumulation_fusion: bool = False
+    """Add each linear layer's weight gradient straight into its `main_grad` buffer (DistributedDataParallel's)
+    with one addmm instead of allocating a `.grad` and adding it: no weight-sized temporary per micro batch."""
+
     fp16: bool = False
     bf16: bool = False
     params_dtype: torch.dtype = torch.float32

@@ -1541,10 +1541,16 @@ def add_performance_args(parser):
         dest="apply_rope_fusion",
         help="Keep RoPE eager under --torch-compile-fusions.",
     )
+    group.add_argument(
+        "--no-gradient-accumulation-fusion",
+        action="store_false",
+        dest="gradient_accumulation_fusion",
+        help="Let linear layers return a fresh weight gradient that a hook adds into the main_grad buffer, instead "
+        "of adding it there themselves with one addmm (the default; torch only, no apex kernel needed).",
+    )
     # Megatron-LM's switches for apex / Transformer Engine kernels this project does not use: accepted so its
     # scripts run unchanged, each saying what happens here instead.
     for flag, instead in (
-        ("--no-gradient-accumulation-fusion", "weight gradients are accumulated into the main_grad buffers by a hook"),
         ("--no-masked-softmax-fusion", "attention's softmax is always torch's scaled_dot_product_attention"),
         ("--no-bias-dropout-fusion", "bias + dropout + residual add is always the same eager code"),
         ("--no-persist-layer-norm", "norms always use torch's own LayerNorm / RMSNorm kernels"),

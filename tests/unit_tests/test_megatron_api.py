@@ -88,6 +88,9 @@ SIGNATURES = [
     ("megatron.core.tensor_parallel.utils", "split_tensor_along_last_dim",
      ["tensor", "num_partitions", "contiguous_split_chunks"]),
     ("megatron.core.tensor_parallel.random", "checkpoint", ["function", "distribute_saved_activations", "args"]),
+    ("megatron.core.tensor_parallel.layers", "linear_with_grad_accumulation_and_async_allreduce", [
+        "input", "weight", "bias", "gradient_accumulation_fusion", "async_grad_allreduce", "sequence_parallel",
+        "grad_output_buffer", "wgrad_deferral_limit", "allreduce_dgrad"]),
     ("megatron.core.tensor_parallel.layers", "linear_with_frozen_weight", [
         "input", "weight", "bias", "gradient_accumulation_fusion", "async_grad_allreduce", "sequence_parallel",
         "grad_output_buffer", "wgrad_deferral_limit", "allreduce_dgrad"]),

@@ -31,9 +31,9 @@ class DistributedDataParallel(torch.nn.Module):
     hold the same weights and each a part of every sequence's gradient); no group at all before it is
     initialised: one replica, nothing to reduce.
 
-    A post-accumulate hook moves each fresh `.grad` into `main_grad` (so `.grad` stays None), and with
-    `overlap_grad_reduce` starts a bucket's all-reduce as soon as the bucket is complete on the last micro
-    batch. `finish_grad_sync()` completes the reduction before the optimizer step.
+    A post-accumulate hook moves each fresh `.grad` into `main_grad` (so `.grad` stays None; layers with
+    gradient-accumulation fusion add into `main_grad` directly), and with `overlap_grad_reduce` starts a
+    bucket's all-reduce as soon as the bucket is complete on the last micro batch. `finish_grad_sync()` completes the reduction before the optimizer step.
     """
 
     def __init__(
@@ -96,8 +96,11 @@ class DistributedDataParallel(torch.nn.Module):
         return [*self.buffers, *self.expert_parallel_buffers]
 
     def _accumulate_into_main_grad(self, param: torch.nn.Parameter):
-        param.main_grad.add_(param.grad)
-        param.grad = None
+        # Runs once per backward pass, after every use of `param`; `.grad` is None when all of them were layers
+        # with gradient-accumulation fusion, which added into main_grad themselves.
+        if param.grad is not None:
+            param.main_grad.add_(param.grad)
+            param.grad = None
         if self.ddp_config.overlap_grad_reduce and self.is_last_microbatch:
             self.param_to_buffer[param].register_grad_ready(param)
 

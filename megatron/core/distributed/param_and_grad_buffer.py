@@ -147,6 +147,11 @@ class _ParamAndGradBuffer:
     def register_grad_ready(self, param: torch.nn.Parameter):
         """Called when `param`'s gradient for this step is complete; reduces its bucket once it is full."""
         bucket = self.param_to_bucket[param]
+        if param in bucket.params_with_grad:
+            raise RuntimeError(
+                f"the gradient of a parameter of shape {tuple(param.shape)} was reported complete twice in one "
+                "step: its bucket may have been reduced without the second part (zero_grad_buffer() starts a step)"
+            )
         bucket.params_with_grad.add(param)
         if len(bucket.params_with_grad) == len(bucket.params):
             self.start_bucket_sync(bucket, async_op=True)

@@ -8,6 +8,7 @@ from megatron.core.tensor_parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     linear_with_frozen_weight,
+    linear_with_grad_accumulation_and_async_allreduce,
     param_is_not_tensor_parallel_duplicate,
     set_tensor_model_parallel_attributes,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "gather_from_tensor_model_parallel_region",
     "get_cuda_rng_tracker",
     "linear_with_frozen_weight",
+    "linear_with_grad_accumulation_and_async_allreduce",
     "model_parallel_cuda_manual_seed",
     "param_is_not_tensor_parallel_duplicate",
     "reduce_from_tensor_model_parallel_region",

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import accumulate_weight_grad, fuses_weight_grad_accumulation
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 
@@ -103,7 +104,8 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target):
+    def forward(ctx, hidden, weight, target, accumulate_into_main_grad):
+        ctx.accumulate_into_main_grad = accumulate_into_main_grad
         tokens = hidden.reshape(-1, hidden.size(-1))
         outside, local_target = _target_on_this_rank(target.reshape(-1), weight.size(0))
         logits_max = torch.full((tokens.size(0),), float("-inf"), dtype=torch.float32, device=hidden.device)
@@ -135,7 +137,7 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
         grad_scale = grad_output.reshape(-1, 1).float()
         # The hidden gradient is summed over the chunks in fp32 and rounded once, like the unfused one.
         grad_tokens = torch.zeros(tokens.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] and not ctx.accumulate_into_main_grad else None
         for chunk in _vocab_chunks(weight.size(0), tokens.size(0)):
             # d loss / d logits = softmax - one_hot(target), times the incoming gradient of each token's loss.
             grad_logits = F.linear(tokens, weight[chunk]).float().sub_(log_sum_exp.unsqueeze(-1)).exp_()
@@ -148,14 +150,18 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
                 grad_tokens += grad_logits.mm(weight[chunk])
             if grad_weight is not None:
                 torch.mm(grad_logits.t(), tokens, out=grad_weight[chunk])
+            elif ctx.accumulate_into_main_grad:
+                accumulate_weight_grad(weight.main_grad[chunk], grad_logits.t(), tokens)
         # The sum of hidden's gradient over the tensor-parallel ranks is the region mapping's, before this op.
         grad_hidden = grad_tokens.to(hidden.dtype).view_as(hidden) if ctx.needs_input_grad[0] else None
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
 def linear_vocab_parallel_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, gradient_accumulation_fusion: bool = False
 ) -> torch.Tensor:
     """vocab_parallel_cross_entropy(F.linear(hidden, weight).float(), target) without the logits of all tokens:
-    hidden [..., h] (already in the output layer's parallel region), weight [vocab / tp, h], target [...]."""
-    return _LinearVocabParallelCrossEntropy.apply(hidden, weight, target)
+    hidden [..., h] (already in the output layer's parallel region), weight [vocab / tp, h], target [...].
+    `gradient_accumulation_fusion`: the weight gradient goes into `weight.main_grad` where it has one."""
+    accumulate = fuses_weight_grad_accumulation(weight, gradient_accumulation_fusion)
+    return _LinearVocabParallelCrossEntropy.apply(hidden, weight, target, accumulate)

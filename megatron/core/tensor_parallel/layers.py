@@ -106,6 +106,50 @@ def _new_parameter(shape, config: ModelParallelConfig, zero: bool = False) -> to
     return torch.nn.Parameter(allocate(shape, dtype=config.params_dtype, device=parameter_device(config)))
 
 
+class _LinearWithMainGradAccumulation(torch.autograd.Function):
+    """F.linear whose weight gradient goes straight into `weight.main_grad` (Megatron's gradient-accumulation
+    fusion): one addmm per micro batch instead of a fresh weight-sized `.grad` that a hook then adds and frees.
+    The weight's autograd gradient is None, so `.grad` is never allocated; its post-accumulate hooks still run
+    once per backward, after every use of the weight."""
+
+    @staticmethod
+    def forward(ctx, input_, weight, bias):
+        ctx.save_for_backward(input_, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(input_, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_output_2d = grad_output.reshape(-1, grad_output.size(-1))
+        input_2d = input_.reshape(-1, input_.size(-1))
+        accumulate_weight_grad(weight.main_grad, grad_output_2d.t(), input_2d)
+        grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, None, grad_bias
+
+
+def accumulate_weight_grad(main_grad: torch.Tensor, grad_output_t: torch.Tensor, input_2d: torch.Tensor) -> None:
+    """main_grad += grad_output_t @ input_2d: one addmm, or for a bf16 / fp16 weight with an fp32 main_grad the
+    product rounded as the unfused weight gradient would be, then added."""
+    if main_grad.dtype == input_2d.dtype:
+        main_grad.addmm_(grad_output_t, input_2d)
+    else:
+        main_grad.add_(grad_output_t.mm(input_2d))
+
+
+def fuses_weight_grad_accumulation(weight: torch.Tensor, gradient_accumulation_fusion: bool) -> bool:
+    """Whether an op on `weight` should add its weight gradient into `weight.main_grad` itself."""
+    return gradient_accumulation_fusion and torch.is_grad_enabled() and weight.requires_grad and hasattr(weight, "main_grad")
+
+
+def _linear(input_: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gradient_accumulation_fusion: bool):
+    """F.linear, fused with the weight-gradient accumulation where the weight has a `main_grad` to take it."""
+    if fuses_weight_grad_accumulation(weight, gradient_accumulation_fusion):
+        return _LinearWithMainGradAccumulation.apply(input_, weight, bias)
+    return F.linear(input_, weight, bias)
+
+
 class VocabParallelEmbedding(torch.nn.Module):
     """Embedding whose vocabulary rows are split over tensor-parallel ranks.
 
@@ -183,6 +227,7 @@ class ColumnParallelLinear(torch.nn.Module):
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = config.sequence_parallel
         self.is_expert = is_expert
+        self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
         world_size, _ = _split_size_and_rank(is_expert)
         self.output_size_per_partition = divide(output_size, world_size)
         if skip_weight_param_allocation:
@@ -222,7 +267,7 @@ class ColumnParallelLinear(torch.nn.Module):
         weight = self.weight_for_forward(weight)
         input_parallel = self.parallel_input(input_)
         bias = None if self.skip_bias_add else self.bias
-        output = F.linear(input_parallel, weight, bias)
+        output = _linear(input_parallel, weight, bias, self.gradient_accumulation_fusion)
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output)
         return output, (self.bias if self.skip_bias_add else None)
@@ -254,6 +299,7 @@ class RowParallelLinear(torch.nn.Module):
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = config.sequence_parallel
         self.is_expert = is_expert
+        self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("sequence parallelism needs RowParallelLinear inputs that are already split")
         world_size, _ = _split_size_and_rank(is_expert)
@@ -271,7 +317,7 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, input_: torch.Tensor):
         input_parallel = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(input_)
-        output_parallel = F.linear(input_parallel, self.weight)
+        output_parallel = _linear(input_parallel, self.weight, None, self.gradient_accumulation_fusion)
         if self.is_expert:
             output = output_parallel
         elif self.sequence_parallel:
@@ -281,6 +327,38 @@ class RowParallelLinear(torch.nn.Module):
         if self.skip_bias_add or self.bias is None:
             return output, (self.bias if self.skip_bias_add else None)
         return output + self.bias, None
+
+
+def _column_parallel_input(input_: torch.Tensor, sequence_parallel: bool, allreduce_dgrad: bool) -> torch.Tensor:
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(input_)
+    if allreduce_dgrad:
+        return copy_to_tensor_model_parallel_region(input_)
+    return input_
+
+
+def linear_with_grad_accumulation_and_async_allreduce(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    gradient_accumulation_fusion: bool,
+    async_grad_allreduce: bool,
+    sequence_parallel: bool,
+    grad_output_buffer: Optional[List[torch.Tensor]] = None,
+    wgrad_deferral_limit: Optional[int] = 0,
+    allreduce_dgrad: bool = None,
+) -> torch.Tensor:
+    """Megatron's column-parallel linear op: the input gathered over the sequence under `sequence_parallel`,
+    else its gradient all-reduced over the tensor-parallel ranks with `allreduce_dgrad` (default
+    `async_grad_allreduce`); with `gradient_accumulation_fusion` the weight gradient is added into
+    `weight.main_grad`. Deferred weight gradients (`grad_output_buffer`, `wgrad_deferral_limit`) are not
+    supported."""
+    if grad_output_buffer is not None or wgrad_deferral_limit:
+        raise NotImplementedError("deferred weight-gradient computation is not supported")
+    if allreduce_dgrad is None:
+        allreduce_dgrad = async_grad_allreduce
+    input = _column_parallel_input(input, sequence_parallel, allreduce_dgrad)
+    return _linear(input, weight, bias, gradient_accumulation_fusion)
 
 
 def linear_with_frozen_weight(
@@ -300,8 +378,5 @@ def linear_with_frozen_weight(
     accepted for Megatron's signature and change nothing here."""
     if allreduce_dgrad is None:
         allreduce_dgrad = async_grad_allreduce
-    if sequence_parallel:
-        input = gather_from_sequence_parallel_region(input)
-    elif allreduce_dgrad:
-        input = copy_to_tensor_model_parallel_region(input)
+    input = _column_parallel_input(input, sequence_parallel, allreduce_dgrad)
     return F.linear(input, weight.detach(), None if bias is None else bias.detach())

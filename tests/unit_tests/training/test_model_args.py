@@ -43,6 +43,11 @@ def test_torch_compile_fusions_are_off_unless_asked_for(flags, compiled, swiglu,
     assert (config.torch_compile_fusions, config.bias_activation_fusion, config.apply_rope_fusion) == (compiled, swiglu, rope)
 
 
+def test_gradient_accumulation_fusion_is_on_unless_turned_off():
+    assert core_transformer_config_from_args(validated(*LLAMA)).gradient_accumulation_fusion
+    assert not core_transformer_config_from_args(validated(*LLAMA, "--no-gradient-accumulation-fusion")).gradient_accumulation_fusion
+
+
 def test_megatron_kernel_switches_are_accepted():
     validated(*LLAMA, "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
               "--no-persist-layer-norm", "--cross-entropy-loss-fusion")

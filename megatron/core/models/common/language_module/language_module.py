@@ -39,6 +39,7 @@ def output_logits_or_loss(
             output_layer.parallel_input(hidden_states),
             output_layer.weight_for_forward(weight),
             labels.transpose(0, 1),
+            output_layer.gradient_accumulation_fusion,
         )
         return loss.transpose(0, 1).contiguous()
     logits, _ = output_layer(hidden_states, weight=weight)
