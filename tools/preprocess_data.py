@@ -33,7 +33,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
     get_idx_path,
     merge_datasets,
 )
-from megatron.training.arguments import add_tokenizer_args  # noqa: E402
+from megatron.training.tokenizer.arguments import add_tokenizer_args  # noqa: E402
 from megatron.training.tokenizer import build_tokenizer  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from tools.ordered_worker_pool import OrderedWorkerPool, WorkerDied  # noqa: E402

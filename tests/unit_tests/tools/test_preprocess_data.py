@@ -5,11 +5,13 @@ import errno
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, shared_path
 from tools import preprocess_data
 
 GPT2 = REPO_ROOT / "data" / "tokenizers" / "gpt2"
@@ -72,3 +74,23 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, source, capsys, monk
         error,
     ), error
     assert os.listdir(output) == []
+
+
+def test_preprocessing_with_sentencepiece_never_imports_torch(tmp_path):
+    """Importing torch costs over a second before the first document, and neither the writer nor the tokenizers
+    need it (megatron.core and megatron.training import their top-level names lazily)."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} of a small test set"}) + "\n" for i in range(20)))
+    argv = ["tools/preprocess_data.py", "--input", str(source), "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(shared_path("tokenizers/llama2/tokenizer.model")),
+            "--append-eod", "--workers", "2"]
+    script = (
+        f"import runpy, sys\nsys.argv = {argv!r}\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "finally:\n    print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: False" in result.stdout
+    tokens = int(re.search(r"20 documents, (\d+) tokens", result.stdout).group(1))
+    assert (tmp_path / "out_text_document.bin").stat().st_size == 2 * tokens > 2 * 20 * 9  # uint16 ids
