@@ -1,5 +1,7 @@
 """tools/checkpoint/convert.py: layouts on disk, bit-identical round trips, re-sharding, bad input."""
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 
 from megatron.training.checkpointing import get_checkpoint_name
 from tests.conftest import REPO_ROOT
-from tests.unit_tests.tools.conftest import VOCAB
+from tests.unit_tests.tools.conftest import VOCAB, assert_generate_matches_transformers, assert_same_safetensors
 from tools.checkpoint.convert import main as convert_main
 
 CONVERT = str(REPO_ROOT / "tools" / "checkpoint" / "convert.py")
@@ -250,3 +252,36 @@ def test_interleaved_pipeline_checkpoints_are_read(convert, tmp_path):
     returned = load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(original) == sorted(returned)
     assert all(torch.equal(original[name], returned[name]) for name in original)
+
+
+def megatron_lm_args(name):
+    """A Namespace of Megatron-LM's own saved arguments, from tests/unit_tests/tools/data (see its README)."""
+    with open(REPO_ROOT / "tests" / "unit_tests" / "tools" / "data" / name) as file:
+        fields = json.load(file)
+    decode = lambda value: getattr(torch, value["torch.dtype"]) if isinstance(value, dict) else value
+    return argparse.Namespace(**{name: decode(value) for name, value in fields.items()})
+
+
+def test_checkpoints_carrying_megatron_lms_own_args_convert_and_generate(convert, tmp_path):
+    """A checkpoint whose `args` are all 353 that Megatron-LM core_v0.9.0 saves for a Llama-2-style model (not
+    ours): the converter and tools/generate.py read the model from them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.3)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
+    hf_to_mg(convert, tmp_path / "hf", tmp_path / "ours", "llama2")
+    weights = torch.load(rank_file(tmp_path / "ours"), weights_only=False)["model"]
+    foreign = tmp_path / "megatron_lm"
+    path = get_checkpoint_name(str(foreign), 10)
+    os.makedirs(os.path.dirname(path))
+    torch.save({"args": megatron_lm_args("megatron_lm_core_v0.9.0_llama_args.json"), "checkpoint_version": 3.0,
+                "iteration": 10, "model": weights, "num_floating_point_operations_so_far": 0}, path)
+    (foreign / "latest_checkpointed_iteration.txt").write_text("10")
+
+    convert("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "llama2",
+            "--load-dir", foreign, "--save-dir", tmp_path / "back")
+    assert_same_safetensors(tmp_path / "hf", tmp_path / "back")
+    assert_generate_matches_transformers(tmp_path / "hf", foreign)
