@@ -8,6 +8,7 @@ pipes and at most `in_flight` chunks: a dead worker is an error naming it, the p
 for its workers, and stopping early is a kill.
 """
 
+import contextlib
 import itertools
 import multiprocessing
 import queue
@@ -63,7 +64,10 @@ class OrderedWorkerPool:
             chunk = next(chunks, None)
             if chunk is not None:
                 worker = next(next_worker)
-                self._workers[worker][1].send(chunk)
+                try:
+                    self._workers[worker][1].send(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    raise self._died(worker) from None
                 pending.append(worker)
 
         for _ in range(len(self._workers) * self.in_flight):
@@ -78,11 +82,16 @@ class OrderedWorkerPool:
         try:
             ok, payload = result_reader.recv()
         except EOFError:
-            process.join(timeout=5)
-            raise WorkerDied(f"worker process {process.pid} ended (exit code {process.exitcode}) before returning its results") from None
+            raise self._died(worker) from None
         if not ok:
             raise WorkerDied(f"worker process {process.pid} failed:\n{payload}")
         return payload
+
+    def _died(self, worker: int) -> WorkerDied:
+        """The error for a worker whose pipe closed: it ended (killed, or the OOM killer) with chunks in hand."""
+        process = self._workers[worker][0]
+        process.join(timeout=5)
+        return WorkerDied(f"worker process {process.pid} ended (exit code {process.exitcode}) before returning its results")
 
     def _stop(self, kill: bool) -> None:
         """After a clean run each worker is told to finish; after an error every worker is killed."""
@@ -90,7 +99,8 @@ class OrderedWorkerPool:
             if kill:
                 process.kill()
             else:
-                task_writer.send(None)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # already ended: join says how
+                    task_writer.send(None)
         for process, task_writer, result_reader in self._workers:
             process.join()
             task_writer.close()

@@ -202,6 +202,7 @@ class Encoder:
     def initializer(self) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         Encoder.tokenizer = build_tokenizer(self.args)
+        Encoder.dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
         Encoder.splitter = _build_sentence_splitter(self.args)
 
     def _sentences(self, text: str) -> List[str]:
@@ -262,8 +263,7 @@ class Encoder:
         if isinstance(result, BadRecord):
             return result
         ids, lengths, size = result
-        dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
-        return {key: numpy.array(document_ids, dtype=dtype) for key, document_ids in ids.items()}, lengths, size
+        return {key: numpy.array(document_ids, dtype=Encoder.dtype) for key, document_ids in ids.items()}, lengths, size
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -97,6 +97,7 @@ def get_batch_on_this_tp_rank(data_iterator) -> dict:
     shapes = {name: (args.micro_batch_size, args.seq_length) for name in _BATCH_DTYPES}
     shapes["attention_mask"] = (args.micro_batch_size, 1, args.seq_length, args.seq_length)
     fields = _batch_fields_of_this_stage()
+    awaited = _fields_broadcast(fields, args)
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         data = next(data_iterator)
         batch = {
@@ -104,30 +105,33 @@ def get_batch_on_this_tp_rank(data_iterator) -> dict:
             for name in _BATCH_DTYPES
         }
     else:
-        batch = {name: torch.empty(shapes[name], dtype=_BATCH_DTYPES[name], device=device) for name in _BATCH_DTYPES}
-        if not args.create_attention_mask_in_dataloader:
-            batch["attention_mask"] = None
+        batch = {
+            name: torch.empty(shapes[name], dtype=_BATCH_DTYPES[name], device=device) if name in awaited else None
+            for name in _BATCH_DTYPES
+        }
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        _check_nothing_awaited_is_missing(batch, fields, args)
-        for name in fields:
-            if batch[name] is not None:
-                dist.broadcast(
-                    batch[name],
-                    parallel_state.get_tensor_model_parallel_src_rank(),
-                    group=parallel_state.get_tensor_model_parallel_group(),
-                )
+        _check_nothing_awaited_is_missing(batch, awaited)
+        for name in awaited:
+            dist.broadcast(
+                batch[name],
+                parallel_state.get_tensor_model_parallel_src_rank(),
+                group=parallel_state.get_tensor_model_parallel_group(),
+            )
     return {name: batch[name] if name in fields else None for name in _BATCH_DTYPES}
 
 
-def _check_nothing_awaited_is_missing(batch: dict, fields, args) -> None:
-    """The other tensor-parallel ranks wait for a broadcast of every field: one that tensor-parallel rank 0's
-    data lacks would leave them waiting forever, so it is an error instead."""
+def _fields_broadcast(fields, args) -> list:
+    """What tensor-parallel rank 0 sends the others: this stage's fields, the attention mask only when the data
+    loader builds one (--create-attention-mask-in-dataloader)."""
+    return [name for name in fields if name != "attention_mask" or args.create_attention_mask_in_dataloader]
+
+
+def _check_nothing_awaited_is_missing(batch: dict, awaited) -> None:
+    """The other tensor-parallel ranks wait for a broadcast of every awaited field: one that tensor-parallel rank
+    0's data lacks would leave them waiting forever, so it is an error instead."""
     if parallel_state.get_tensor_model_parallel_rank() != 0:
         return
-    missing = [
-        name for name in fields
-        if batch[name] is None and (name != "attention_mask" or args.create_attention_mask_in_dataloader)
-    ]
+    missing = [name for name in awaited if batch[name] is None]
     if missing:
         hint = "; without an attention mask pass --no-create-attention-mask-in-dataloader" if "attention_mask" in missing else ""
         raise ValueError(f"the micro batch has no {', '.join(missing)}, which the other tensor-parallel ranks wait for{hint}")

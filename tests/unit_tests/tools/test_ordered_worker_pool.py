@@ -69,6 +69,18 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
             list(pool.map(range(100)))
 
 
+def _die_at_start():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_dead_before_its_chunk_is_sent_is_an_error_too():
+    """Chunks larger than a pipe's buffer: the parent is still writing when the reader dies (a broken pipe, not
+    end-of-file); either way it is the same error."""
+    with pytest.raises(WorkerDied, match=r"ended \(exit code -9\)"):
+        with OrderedWorkerPool(2, _die_at_start, len, chunk_size=4) as pool:
+            list(pool.map([b"x" * 2**20] * 16))
+
+
 def test_an_exception_in_a_worker_carries_its_traceback():
     with pytest.raises(WorkerDied, match="ValueError: seven is not allowed"):
         with OrderedWorkerPool(2, _nothing, _raise_on_seven, chunk_size=2) as pool:
