@@ -105,7 +105,8 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, accumulate_into_main_grad):
-        ctx.accumulate_into_main_grad = accumulate_into_main_grad
+        # Kept here: a recomputed forward's saved weight comes back as a plain tensor, without main_grad.
+        ctx.main_grad = weight.main_grad if accumulate_into_main_grad else None
         tokens = hidden.reshape(-1, hidden.size(-1))
         outside, local_target = _target_on_this_rank(target.reshape(-1), weight.size(0))
         logits_max = torch.full((tokens.size(0),), float("-inf"), dtype=torch.float32, device=hidden.device)
@@ -137,7 +138,7 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
         grad_scale = grad_output.reshape(-1, 1).float()
         # The hidden gradient is summed over the chunks in fp32 and rounded once, like the unfused one.
         grad_tokens = torch.zeros(tokens.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] and not ctx.accumulate_into_main_grad else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] and ctx.main_grad is None else None
         for chunk in _vocab_chunks(weight.size(0), tokens.size(0)):
             # d loss / d logits = softmax - one_hot(target), times the incoming gradient of each token's loss.
             grad_logits = F.linear(tokens, weight[chunk]).float().sub_(log_sum_exp.unsqueeze(-1)).exp_()
@@ -150,8 +151,8 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
                 grad_tokens += grad_logits.mm(weight[chunk])
             if grad_weight is not None:
                 torch.mm(grad_logits.t(), tokens, out=grad_weight[chunk])
-            elif ctx.accumulate_into_main_grad:
-                accumulate_weight_grad(weight.main_grad[chunk], grad_logits.t(), tokens)
+            elif ctx.main_grad is not None:
+                accumulate_weight_grad(ctx.main_grad[chunk], grad_logits.t(), tokens)
         # The sum of hidden's gradient over the tensor-parallel ranks is the region mapping's, before this op.
         grad_hidden = grad_tokens.to(hidden.dtype).view_as(hidden) if ctx.needs_input_grad[0] else None
         return grad_hidden, grad_weight, None, None

@@ -115,6 +115,8 @@ class _LinearWithMainGradAccumulation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input_, weight, bias):
         ctx.save_for_backward(input_, weight)
+        # Kept here: under activation recomputation the saved weight comes back as a plain tensor, attributes lost.
+        ctx.main_grad = weight.main_grad
         ctx.has_bias = bias is not None
         return F.linear(input_, weight, bias)
 
@@ -124,7 +126,7 @@ class _LinearWithMainGradAccumulation(torch.autograd.Function):
         grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_output_2d = grad_output.reshape(-1, grad_output.size(-1))
         input_2d = input_.reshape(-1, input_.size(-1))
-        accumulate_weight_grad(weight.main_grad, grad_output_2d.t(), input_2d)
+        accumulate_weight_grad(ctx.main_grad, grad_output_2d.t(), input_2d)
         grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias
 

@@ -61,6 +61,17 @@ def test_fused_main_grads_equal_the_hook_path_and_skip_dot_grad(legacy, tied):
     assert all(p.grad is None for p in model.module.parameters())
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["mcore", "legacy"])
+def test_recomputed_layers_fuse_the_same_gradients(legacy):
+    """Activation recomputation hands backward the recomputed saved tensors, plain tensors without main_grad."""
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    expected, _, _ = _main_grads_after_two_micro_batches(False, legacy)
+    actual, with_dot_grad, model = _main_grads_after_two_micro_batches(True, legacy, **recompute)
+    assert not any(".linear_fc1." in name or ".dense_h_to_4h." in name for name in with_dot_grad)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_low_precision_weights_add_the_same_product_into_fp32_main_grads():
     fields = dict(params_dtype=torch.bfloat16, bf16=True)
     ddp_flags = dict(grad_reduce_in_fp32=True)
