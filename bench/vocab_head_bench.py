@@ -1,5 +1,5 @@
 r"""Step time and peak memory of the vocabulary head (output layer + cross entropy, forward and backward),
-fused (chunked over tokens) and unfused, one line per vocabulary size and path.
+fused (chunked over the vocabulary) and unfused, one line per vocabulary size and path.
 
     python bench/vocab_head_bench.py                                  # vocab 32000 and 152064, 8 x 256 tokens
     python bench/vocab_head_bench.py --vocab-sizes 152064 --hidden-size 512 --tokens 2048 --bf16

@@ -109,52 +109,53 @@ class _LinearVocabParallelCrossEntropy(torch.autograd.Function):
         ctx.main_grad = weight.main_grad if accumulate_into_main_grad else None
         tokens = hidden.reshape(-1, hidden.size(-1))
         outside, local_target = _target_on_this_rank(target.reshape(-1), weight.size(0))
-        logits_max = torch.full((tokens.size(0),), float("-inf"), dtype=torch.float32, device=hidden.device)
-        sum_exp = torch.zeros_like(logits_max)
-        predicted_logits = torch.zeros_like(logits_max)
+        log_sum_exp = torch.full((tokens.size(0),), float("-inf"), dtype=torch.float32, device=hidden.device)
+        predicted_logits = torch.zeros_like(log_sum_exp)
         for chunk in _vocab_chunks(weight.size(0), tokens.size(0)):
             logits = F.linear(tokens, weight[chunk]).float()
-            new_max = torch.maximum(logits_max, logits.max(dim=-1)[0])
-            sum_exp.mul_((logits_max - new_max).exp_())
             in_chunk, index = _target_in_chunk(local_target, outside, chunk)
             predicted_logits += logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill_(~in_chunk, 0.0)
-            sum_exp += logits.sub_(new_max.unsqueeze(-1)).exp_().sum(dim=-1)
-            logits_max = new_max
-        # Across the tensor-parallel ranks: one maximum, each rank's sum rescaled to it, then summed.
-        global_max = logits_max.clone()
+            # torch's logsumexp reads the chunk twice (maximum, then the shifted exponentials) and writes nothing.
+            log_sum_exp = torch.logaddexp(log_sum_exp, torch.logsumexp(logits, dim=-1))
+        # Across the tensor-parallel ranks: one maximum, each rank's sum of exponentials rescaled to it, then summed.
+        global_max = log_sum_exp.clone()
         _all_reduce(global_max, torch.distributed.ReduceOp.MAX)
-        sum_exp.mul_((logits_max - global_max).exp_())
+        sum_exp = (log_sum_exp - global_max).exp_()
         _all_reduce(sum_exp, torch.distributed.ReduceOp.SUM)
         _all_reduce(predicted_logits, torch.distributed.ReduceOp.SUM)
-        log_sum_exp = sum_exp.log_()
-        loss = log_sum_exp - (predicted_logits - global_max)
-        ctx.save_for_backward(hidden, weight, outside, local_target, log_sum_exp.add_(global_max))
+        log_sum_exp = sum_exp.log_().add_(global_max)
+        loss = log_sum_exp - predicted_logits
+        ctx.save_for_backward(hidden, weight, outside, local_target, log_sum_exp)
         return loss.view_as(target)
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden, weight, outside, local_target, log_sum_exp = ctx.saved_tensors
         tokens = hidden.reshape(-1, hidden.size(-1))
+        # Each token's incoming gradient scales a row of d loss / d logits; it is applied to the token side of both
+        # products instead (the hidden gradient's rows after the loop, the tokens before the weight gradient), so
+        # the vocabulary-wide chunks are never multiplied by it.
         grad_scale = grad_output.reshape(-1, 1).float()
+        scaled_tokens = (tokens * grad_scale).to(tokens.dtype)
         # The hidden gradient is summed over the chunks in fp32 and rounded once, like the unfused one.
         grad_tokens = torch.zeros(tokens.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] and ctx.main_grad is None else None
         for chunk in _vocab_chunks(weight.size(0), tokens.size(0)):
-            # d loss / d logits = softmax - one_hot(target), times the incoming gradient of each token's loss.
+            # d loss / d logits = softmax - one_hot(target), before the incoming gradient of each token's loss.
             grad_logits = F.linear(tokens, weight[chunk]).float().sub_(log_sum_exp.unsqueeze(-1)).exp_()
             in_chunk, index = _target_in_chunk(local_target, outside, chunk)
             grad_logits.scatter_add_(-1, index.unsqueeze(-1), -in_chunk.unsqueeze(-1).float())
-            grad_logits = grad_logits.mul_(grad_scale).to(weight.dtype)
+            grad_logits = grad_logits.to(weight.dtype)
             if weight.dtype == torch.float32:
                 grad_tokens.addmm_(grad_logits, weight[chunk])
             else:
                 grad_tokens += grad_logits.mm(weight[chunk])
             if grad_weight is not None:
-                torch.mm(grad_logits.t(), tokens, out=grad_weight[chunk])
+                torch.mm(grad_logits.t(), scaled_tokens, out=grad_weight[chunk])
             elif ctx.main_grad is not None:
-                accumulate_weight_grad(ctx.main_grad[chunk], grad_logits.t(), tokens)
+                accumulate_weight_grad(ctx.main_grad[chunk], grad_logits.t(), scaled_tokens)
         # The sum of hidden's gradient over the tensor-parallel ranks is the region mapping's, before this op.
-        grad_hidden = grad_tokens.to(hidden.dtype).view_as(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = grad_tokens.mul_(grad_scale).to(hidden.dtype).view_as(hidden) if ctx.needs_input_grad[0] else None
         return grad_hidden, grad_weight, None, None
 
 
