@@ -261,9 +261,7 @@ class ColumnParallelLinear(torch.nn.Module):
         parallelism, else the same on all ranks with its gradient summed over them."""
         if self.is_expert:
             return input_
-        if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(input_)
-        return copy_to_tensor_model_parallel_region(input_)
+        return _column_parallel_input(input_, self.sequence_parallel, allreduce_dgrad=True)
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None):
         weight = self.weight_for_forward(weight)
@@ -331,7 +329,13 @@ class RowParallelLinear(torch.nn.Module):
         return output + self.bias, None
 
 
-def _column_parallel_input(input_: torch.Tensor, sequence_parallel: bool, allreduce_dgrad: bool) -> torch.Tensor:
+def _column_parallel_input(
+    input_: torch.Tensor, sequence_parallel: bool, allreduce_dgrad: Optional[bool], async_grad_allreduce: bool = True
+) -> torch.Tensor:
+    """A column-parallel layer's input: gathered over the sequence under sequence parallelism, else its gradient
+    all-reduced over the tensor-parallel ranks when `allreduce_dgrad` (Megatron's default: `async_grad_allreduce`)."""
+    if allreduce_dgrad is None:
+        allreduce_dgrad = async_grad_allreduce
     if sequence_parallel:
         return gather_from_sequence_parallel_region(input_)
     if allreduce_dgrad:
@@ -357,9 +361,7 @@ def linear_with_grad_accumulation_and_async_allreduce(
     supported."""
     if grad_output_buffer is not None or wgrad_deferral_limit:
         raise NotImplementedError("deferred weight-gradient computation is not supported")
-    if allreduce_dgrad is None:
-        allreduce_dgrad = async_grad_allreduce
-    input = _column_parallel_input(input, sequence_parallel, allreduce_dgrad)
+    input = _column_parallel_input(input, sequence_parallel, allreduce_dgrad, async_grad_allreduce)
     return _linear(input, weight, bias, gradient_accumulation_fusion)
 
 
@@ -378,7 +380,5 @@ def linear_with_frozen_weight(
     reduced over the tensor-parallel ranks (reduce-scattered under `sequence_parallel`, all-reduced with
     `allreduce_dgrad`, which defaults to `async_grad_allreduce`). The fusion and deferral options are
     accepted for Megatron's signature and change nothing here."""
-    if allreduce_dgrad is None:
-        allreduce_dgrad = async_grad_allreduce
-    input = _column_parallel_input(input, sequence_parallel, allreduce_dgrad)
+    input = _column_parallel_input(input, sequence_parallel, allreduce_dgrad, async_grad_allreduce)
     return F.linear(input, weight.detach(), None if bias is None else bias.detach())
