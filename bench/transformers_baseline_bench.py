@@ -6,10 +6,11 @@ r"""Our training step against a plain Hugging Face loop on the same shapes, side
 The baseline is `transformers`' LlamaForCausalLM (SDPA attention, untied embeddings, no biases) trained with
 `torch.optim.AdamW` (torch's default implementation) on random token ids, in fp32 or under bf16 autocast with
 `--bf16`; ours is bench/train_bench.py (the training loop's own step: forward, backward, optimizer) at the same
-sizes (vocabulary 32000, SwiGLU width --ffn-hidden-size, one process). Each prints tokens/s over the same
-number of timed steps after the same warm-up. Timings on a shared or virtual machine drift by 10-30% between
-identical runs, so the two alternate for --rounds rounds (which goes first alternates too); the last line gives
-the median tokens/s of each, the median of the per-round ratios, and the same in CPU time per step.
+sizes (vocabulary 32000, SwiGLU width --ffn-hidden-size, one process); any other flag (--torch-compile-fusions, say)
+goes to ours only and is named on the last line. Each prints tokens/s over the same number of timed steps after
+the same warm-up. Timings on a shared or virtual machine drift by 10-30% between identical runs, so the two
+alternate for --rounds rounds (which goes first alternates too); the last line gives the median tokens/s of each,
+the median of the per-round ratios, and the same in CPU time per step.
 """
 
 import argparse
@@ -116,6 +117,8 @@ def main() -> int:
         f"heads), seq {args.seq_length}, micro batch {args.micro_batch_size}, vocab {VOCAB}, "
         f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, median of {args.rounds} rounds"
     )
+    if args.train_bench_flags:  # a figure quoted from this line says what ours ran with
+        shape += f", our extra flags: {' '.join(args.train_bench_flags)}"
     speed_ratio = statistics.median(mine[0] / baseline[0] for mine, baseline in zip(ours, theirs))
     cpu_ratio = statistics.median(baseline[1] / mine[1] for mine, baseline in zip(ours, theirs))
     print(f"vs transformers [{shape}]: ours {statistics.median(r[0] for r in ours):.0f} tokens/s "
