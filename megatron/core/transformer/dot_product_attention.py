@@ -38,8 +38,8 @@ def _bottom_right_causal_mask(query_length: int, key_length: int, device) -> tor
 
 
 def _heads_first(tensor: torch.Tensor) -> torch.Tensor:
-    """[s, b, n, d] -> [b, n, s, d]; a contiguous copy on the CPU, whose flash kernel takes about 40% longer
-    (forward and backward, bench: 4 x 8 heads x 512 x 64) on the strided view of the [s, b, ...] layout."""
+    """[s, b, n, d] -> [b, n, s, d]; a contiguous copy on the CPU, whose flash kernel takes 10-40% longer
+    (forward and backward, 4 x 8 heads x 512 x 64, varying between runs) on the strided view of [s, b, ...]."""
     tensor = tensor.permute(1, 2, 0, 3)
     return tensor.contiguous() if tensor.device.type == "cpu" else tensor
 
@@ -47,8 +47,10 @@ def _heads_first(tensor: torch.Tensor) -> torch.Tensor:
 def _is_plain_causal(attention_mask: torch.Tensor) -> bool:
     """Whether a mask (True = masked out) hides exactly the future keys, as the dataset's default mask does:
     then is_causal replaces it, so the kernel skips the masked blocks instead of reading the mask. The answer
-    is kept on the mask (until it is modified), so the layers sharing it compare it, and sync a GPU, once."""
-    known = getattr(attention_mask, "_megatron_plain_causal", None)
+    is kept on the mask (until it is modified), so the layers sharing it compare it, and sync a GPU, once;
+    masks made under torch.inference_mode have no version counter and are compared each time."""
+    remember = not attention_mask.is_inference()
+    known = getattr(attention_mask, "_megatron_plain_causal", None) if remember else None
     if known is not None and known[0] == attention_mask._version:
         return known[1]
     query_length, key_length = attention_mask.shape[-2:]
@@ -56,7 +58,8 @@ def _is_plain_causal(attention_mask: torch.Tensor) -> bool:
     if answer:
         future = torch.ones(query_length, key_length, dtype=torch.bool, device=attention_mask.device).triu_(1)
         answer = torch.equal(attention_mask, future.expand(attention_mask.shape))
-    attention_mask._megatron_plain_causal = (attention_mask._version, answer)
+    if remember:
+        attention_mask._megatron_plain_causal = (attention_mask._version, answer)
     return answer
 
 

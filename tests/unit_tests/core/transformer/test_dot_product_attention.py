@@ -101,3 +101,11 @@ def test_a_mask_changed_in_place_after_use_is_read_again(attention, sdpa_calls):
     attention(*qkv(), attention_mask=mask)
     assert sdpa_calls[0]["is_causal"] and not sdpa_calls[1]["is_causal"]
     assert torch.equal(~sdpa_calls[1]["attn_mask"], mask)
+
+
+def test_masks_made_under_inference_mode_are_read_each_time(attention, sdpa_calls):
+    with torch.inference_mode():
+        inputs = [tensor.detach() for tensor in qkv()]
+        for mask in (future_keys()[None, None], document_mask()):
+            attention(*inputs, attention_mask=mask)
+    assert sdpa_calls[0]["is_causal"] and not sdpa_calls[1]["is_causal"]
