@@ -128,4 +128,6 @@ def _rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float, deinterleave: b
     cos = (torch.cos(freqs) * mscale).to(t.dtype)
     sin = (torch.sin(freqs) * mscale).to(t.dtype)
     t_rotary = t_rotary * cos + _rotate_half(t_rotary, interleaved) * sin
+    if t_pass.size(-1) == 0:  # every channel rotates (the usual case): no copy into a concatenation
+        return t_rotary
     return torch.cat((t_rotary, t_pass), dim=-1)
