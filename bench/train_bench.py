@@ -24,9 +24,15 @@ cores). Compare jemalloc/tcmalloc with glibc's (MEGATRON_MALLOC=none) by sourcin
 
     bash -c '. scripts/fast_allocator.sh && python bench/train_bench.py ...'
 
+--kernel-floor (one process, dense models) then times the step's matmuls, attention and Adam update alone, in
+rounds with one more step and the matmul peak each, and ends the line with step / floor (how far the whole step
+is from those kernels run back to back) and the MFU a step at the floor would have: the most any implementation
+on these kernels could reach on this machine (bench/kernel_floor.py).
+
 """
 
 import os
+import statistics
 import sys
 import time
 
@@ -43,6 +49,7 @@ from megatron.training.utils import device_peak_tflops, peak_memory_gib, print_r
 from pretrain_gpt import forward_step, model_provider  # noqa: E402
 
 from device_peak import DTYPES, default_size, measured_matmul_tflops  # noqa: E402
+from kernel_floor import DenseGPTKernelFloor, unsupported_reason  # noqa: E402
 
 LLAMA_STYLE_FLAGS = [
     "--normalization", "RMSNorm",
@@ -69,6 +76,13 @@ def add_bench_args(parser):
     group.add_argument(
         "--measure-peak", action="store_true", help="MFU against a measured matmul peak (bench/device_peak.py)."
     )
+    group.add_argument(
+        "--kernel-floor",
+        action="store_true",
+        help="After the timed steps, time the step's matmuls, attention and Adam update alone (bench/kernel_floor.py) "
+        "in rounds with one more step and the matmul peak each; print step / floor and the MFU at the floor.",
+    )
+    group.add_argument("--kernel-floor-rounds", type=int, default=3, help="Rounds of --kernel-floor.")
     return parser
 
 
@@ -126,6 +140,28 @@ def run_steps(count, model, optimizer, scheduler, batches, profiler=None):
     return seconds
 
 
+def kernel_floor_figures(args, model, optimizer, scheduler, batches) -> str:
+    """The line's kernel-floor part (bench/kernel_floor.py): each of --kernel-floor-rounds rounds times one more
+    training step, the floor's kernels and the matmul peak in turn, so that the ratios pair timings taken within
+    seconds of each other; medians of the floor, its parts, step / floor and the MFU a step at the floor has."""
+    floor = DenseGPTKernelFloor(args, [parameter.shape for parameter in optimizer.get_parameters()])
+    dtype = DTYPES["bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"]
+    flops = num_floating_point_operations(args, args.global_batch_size)
+    rounds = []
+    for _ in range(args.kernel_floor_rounds):
+        (step_seconds,) = run_steps(1, model, optimizer, scheduler, batches)
+        parts = floor.time_once()
+        peak = measured_matmul_tflops(dtype, args.device, default_size(args.device), repeats=1)
+        rounds.append((parts, step_seconds / sum(parts.values()), flops / sum(parts.values()) / 1e12 / peak))
+    median = statistics.median
+    named_parts = ", ".join(f"{name} {median(r[0][name] for r in rounds) * 1000:.1f}" for name in rounds[0][0])
+    return (
+        f" | kernel floor (ms): {median(sum(r[0].values()) for r in rounds) * 1000:.1f} ({named_parts}) | "
+        f"step / floor: {median(r[1] for r in rounds):.3f} | MFU at floor: {100 * median(r[2] for r in rounds):.2f}% "
+        f"(medians of {len(rounds)} rounds)"
+    )
+
+
 def main():
     flags = LLAMA_STYLE_FLAGS + sys.argv[1:]
     if "--train-iters" not in flags and "--train-samples" not in flags:
@@ -133,6 +169,10 @@ def main():
     initialize_megatron(add_bench_args, args_list=flags)
     args = get_args()
     update_train_iters(args)
+    if args.kernel_floor and unsupported_reason(args):
+        sys.exit(f"--kernel-floor: {unsupported_reason(args)}")
+    if args.kernel_floor_rounds < 1:
+        sys.exit(f"--kernel-floor-rounds must be at least 1, got {args.kernel_floor_rounds}")
     if args.measure_peak:
         synchronize(args)
         args.device_peak_tflops = measure_peak(args)
@@ -165,6 +205,9 @@ def main():
     mfu = f"{100.0 * tflops_per_device / peak:.2f}%" if peak else "n/a (pass --device-peak-tflops)"
     memory = torch.tensor([peak_memory_gib(args.device)], device="cuda" if args.device == "cuda" else "cpu")
     dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    floor = ""
+    if args.kernel_floor:  # after the peak memory, which its tensors would raise
+        floor = kernel_floor_figures(args, model, optimizer, scheduler, batches)
     dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     print_rank_0(
         f"train_bench | {args.num_layers} layers x hidden {args.hidden_size}, seq {args.seq_length}, {dtype}, "
@@ -173,7 +216,7 @@ def main():
         f"(peak {peak or 0.0:.4f} TFLOP/s) | "
         f"peak memory (GiB): {memory.item():.3f} | allocator: {allocator_in_use()} | "
         f"CPU s per step, user + kernel: {(cpu_times.user - start_cpu_times.user) / args.bench_iters:.2f} + "
-        f"{(cpu_times.system - start_cpu_times.system) / args.bench_iters:.2f}"
+        f"{(cpu_times.system - start_cpu_times.system) / args.bench_iters:.2f}{floor}"
     )
     dist.destroy_process_group()
 

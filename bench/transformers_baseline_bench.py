@@ -10,7 +10,9 @@ sizes (vocabulary 32000, SwiGLU width --ffn-hidden-size, one process); any other
 goes to ours only and is named on the last line. Each prints tokens/s over the same number of timed steps after
 the same warm-up. Timings on a shared or virtual machine drift by 10-30% between identical runs, so the two
 alternate for --rounds rounds (which goes first alternates too); the last line gives the median tokens/s of each,
-the median of the per-round ratios, and the same in CPU time per step.
+the median of the per-round ratios, and the same in CPU time per step. With --kernel-floor (passed to ours), it
+adds our step / kernel floor and the ratio a step as fast as that floor would reach: the most any implementation
+on the same kernels could get against this baseline on this machine.
 """
 
 import argparse
@@ -83,7 +85,7 @@ def transformers_tokens_per_second(args):
 
 
 def our_tokens_per_second(args):
-    """(tokens/s, CPU seconds per step) of train_bench.py."""
+    """(tokens/s, CPU seconds per step, step / kernel floor or None) of train_bench.py."""
     command = [
         sys.executable, os.path.join(REPO_ROOT, "bench", "train_bench.py"),
         "--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
@@ -100,7 +102,18 @@ def our_tokens_per_second(args):
     if not figure:
         sys.exit(f"train_bench.py printed no tokens/s:\n{result.stdout[-2000:]}")
     print(result.stdout.strip().splitlines()[-1])
-    return float(figure.group(1)), float(figure.group(2)) + float(figure.group(3))
+    floor = re.search(r"step / floor: ([\d.]+)", result.stdout)
+    return float(figure.group(1)), float(figure.group(2)) + float(figure.group(3)), floor and float(floor.group(1))
+
+
+def kernel_floor_ceiling(ours, theirs) -> str:
+    """With --kernel-floor passed to ours: the median ratio a step as fast as its kernel floor would reach (our
+    tokens/s x step / floor over transformers', per round): the most any implementation on these kernels could."""
+    if ours[0][2] is None:
+        return ""
+    ceilings = [mine[0] * mine[2] / baseline[0] for mine, baseline in zip(ours, theirs)]
+    return (f"; our step / kernel floor {statistics.median(mine[2] for mine in ours):.2f}, a step at the floor "
+            f"would be {statistics.median(ceilings):.2f}x transformers")
 
 
 def main() -> int:
@@ -124,7 +137,8 @@ def main() -> int:
     print(f"vs transformers [{shape}]: ours {statistics.median(r[0] for r in ours):.0f} tokens/s "
           f"({statistics.median(r[1] for r in ours):.2f} CPU s/step), LlamaForCausalLM+AdamW "
           f"{statistics.median(r[0] for r in theirs):.0f} tokens/s ({statistics.median(r[1] for r in theirs):.2f} CPU "
-          f"s/step), ratio {speed_ratio:.2f}x (CPU time {cpu_ratio:.2f}x)")
+          f"s/step), ratio {speed_ratio:.2f}x (CPU time {cpu_ratio:.2f}x)"
+          + kernel_floor_ceiling(ours, theirs))
     return 0
 
 
