@@ -16,7 +16,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _synchronize(device: str) -> None:
+def synchronize_device(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -27,11 +27,11 @@ def measured_matmul_tflops(dtype: torch.dtype, device: str, size: int, repeats: 
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
     for repeat in range(repeats + 1):
-        _synchronize(device)
+        synchronize_device(device)
         start = time.perf_counter()
         for _ in range(matmuls):
             torch.mm(a, b)
-        _synchronize(device)
+        synchronize_device(device)
         if repeat:
             best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 * matmuls / best / 1e12

@@ -21,16 +21,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from device_peak import synchronize_device
 from megatron.core.tensor_parallel.cross_entropy import _vocab_chunks
 
 
 def _seconds(run, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize_device(device)
     start = time.perf_counter()
     run()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize_device(device)
     return time.perf_counter() - start
 
 

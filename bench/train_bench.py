@@ -116,10 +116,13 @@ def allocator_in_use() -> str:
     return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in libraries), "glibc")
 
 
+def dtype_name(args) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
 def measure_peak(args) -> float:
     """Mean over ranks of the matmul peak each rank measures while the others do the same."""
-    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    tflops = measured_matmul_tflops(DTYPES[dtype], args.device, default_size(args.device))
+    tflops = measured_matmul_tflops(DTYPES[dtype_name(args)], args.device, default_size(args.device))
     peak = torch.tensor([tflops], dtype=torch.float64, device="cuda" if args.device == "cuda" else "cpu")
     dist.all_reduce(peak)
     return peak.item() / args.world_size
@@ -145,14 +148,15 @@ def kernel_floor_figures(args, model, optimizer, scheduler, batches) -> str:
     training step, the floor's kernels and the matmul peak in turn, so that the ratios pair timings taken within
     seconds of each other; medians of the floor, its parts, step / floor and the MFU a step at the floor has."""
     floor = DenseGPTKernelFloor(args, [parameter.shape for parameter in optimizer.get_parameters()])
-    dtype = DTYPES["bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"]
+    dtype = DTYPES[dtype_name(args)]
     flops = num_floating_point_operations(args, args.global_batch_size)
-    rounds = []
+    rounds = []  # (parts, step / floor, MFU at floor)
     for _ in range(args.kernel_floor_rounds):
         (step_seconds,) = run_steps(1, model, optimizer, scheduler, batches)
         parts = floor.time_once()
         peak = measured_matmul_tflops(dtype, args.device, default_size(args.device), repeats=1)
-        rounds.append((parts, step_seconds / sum(parts.values()), flops / sum(parts.values()) / 1e12 / peak))
+        floor_seconds = sum(parts.values())
+        rounds.append((parts, step_seconds / floor_seconds, flops / floor_seconds / 1e12 / peak))
     median = statistics.median
     named_parts = ", ".join(f"{name} {median(r[0][name] for r in rounds) * 1000:.1f}" for name in rounds[0][0])
     return (
@@ -169,8 +173,9 @@ def main():
     initialize_megatron(add_bench_args, args_list=flags)
     args = get_args()
     update_train_iters(args)
-    if args.kernel_floor and unsupported_reason(args):
-        sys.exit(f"--kernel-floor: {unsupported_reason(args)}")
+    unsupported = args.kernel_floor and unsupported_reason(args)
+    if unsupported:
+        sys.exit(f"--kernel-floor: {unsupported}")
     if args.kernel_floor_rounds < 1:
         sys.exit(f"--kernel-floor-rounds must be at least 1, got {args.kernel_floor_rounds}")
     if args.measure_peak:
@@ -208,9 +213,8 @@ def main():
     floor = ""
     if args.kernel_floor:  # after the peak memory, which its tensors would raise
         floor = kernel_floor_figures(args, model, optimizer, scheduler, batches)
-    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     print_rank_0(
-        f"train_bench | {args.num_layers} layers x hidden {args.hidden_size}, seq {args.seq_length}, {dtype}, "
+        f"train_bench | {args.num_layers} layers x hidden {args.hidden_size}, seq {args.seq_length}, {dtype_name(args)}, "
         f"global batch {args.global_batch_size}, {args.world_size} x {args.device} | step (ms): {step_seconds * 1000:.1f} | "
         f"tokens/s: {tokens_per_second:.1f} | TFLOP/s per device: {tflops_per_device:.4f} | MFU: {mfu} "
         f"(peak {peak or 0.0:.4f} TFLOP/s) | "
