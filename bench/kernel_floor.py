@@ -11,7 +11,8 @@ traffic, not arithmetic.
 
 Shapes are one micro batch on one process: the fused QKV, output, FC1 (gate and up) and FC2 products forward,
 input-gradient and weight-gradient; the vocabulary head's three products at the fused head's chunk width, not
-recomputed; causal scaled-dot-product attention with the key/value heads repeated to the query heads as
+recomputed (its recomputed forward product is timed as a separate part, HEAD_RECOMPUTATION, outside the floor:
+with it, the floor of the algorithm a run uses when the fused head is on); causal scaled-dot-product attention with the key/value heads repeated to the query heads as
 DotProductAttention hands them over; torch's fused AdamW over tensors shaped like the model's parameters (fp32,
 as the main parameters are).
 """
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 
 from device_peak import synchronize_device
 from megatron.core.tensor_parallel.cross_entropy import _vocab_chunks
+
+# The part that is not in the floor: the fused vocabulary head's backward recomputes its logits (one more forward
+# product per chunk) rather than keep them all.
+HEAD_RECOMPUTATION = "head recomputation"
 
 
 def _seconds(run, device: str) -> float:
@@ -65,8 +70,9 @@ def adam_update(parameter_shapes, device: str):
 
 class DenseGPTKernelFloor:
     """The floor's kernels for a dense GPT given by the training flags, one process: every micro batch's products
-    and attention, one optimizer update. `time_once` times each kernel once and returns seconds per training step
-    for each part; call it several times, interleaved with what it is compared with, on a drifting machine."""
+    and attention, one optimizer update, and the fused head's recomputed product. `time_once` times each kernel
+    once and returns seconds per training step for each part (HEAD_RECOMPUTATION is not part of the floor); call
+    it several times, interleaved with what it is compared with, on a drifting machine."""
 
     def __init__(self, args, parameter_shapes):
         dtype, self.device = args.params_dtype, ("cuda" if args.device == "cuda" else "cpu")
@@ -83,6 +89,8 @@ class DenseGPTKernelFloor:
         chunks = _vocab_chunks(args.padded_vocab_size, tokens)
         chunk_width = chunks[0].stop - chunks[0].start
         micro_batches = args.global_batch_size // args.micro_batch_size
+        head_chunks = micro_batches * args.padded_vocab_size / chunk_width
+        head_products = linear_products(tokens, args.hidden_size, chunk_width, dtype, self.device)
         # part -> [(kernel, how many times a training step runs it)]
         self.parts = {
             "matmuls": [
@@ -90,10 +98,8 @@ class DenseGPTKernelFloor:
                 for shape in layer_shapes
                 for product in linear_products(tokens, *shape, dtype, self.device)
             ]
-            + [
-                (product, micro_batches * args.padded_vocab_size / chunk_width)
-                for product in linear_products(tokens, args.hidden_size, chunk_width, dtype, self.device)
-            ],
+            + [(product, head_chunks) for product in head_products],
+            HEAD_RECOMPUTATION: [(head_products[0], head_chunks)],
             "attention": [
                 (
                     attention_forward_backward(args.micro_batch_size, heads, args.seq_length, head_dim, dtype, self.device),

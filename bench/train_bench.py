@@ -27,7 +27,8 @@ cores). Compare jemalloc/tcmalloc with glibc's (MEGATRON_MALLOC=none) by sourcin
 --kernel-floor (one process, dense models) then times the step's matmuls, attention and Adam update alone, in
 rounds with one more step and the matmul peak each, and ends the line with step / floor (how far the whole step
 is from those kernels run back to back) and the MFU a step at the floor would have: the most any implementation
-on these kernels could reach on this machine (bench/kernel_floor.py).
+on these kernels could reach on this machine (bench/kernel_floor.py). With the fused vocabulary head on, it adds
+both figures against the floor plus the head's recomputed product: the most this run's algorithm could reach.
 
 """
 
@@ -49,7 +50,7 @@ from megatron.training.utils import device_peak_tflops, peak_memory_gib, print_r
 from pretrain_gpt import forward_step, model_provider  # noqa: E402
 
 from device_peak import DTYPES, default_size, measured_matmul_tflops  # noqa: E402
-from kernel_floor import DenseGPTKernelFloor, unsupported_reason  # noqa: E402
+from kernel_floor import HEAD_RECOMPUTATION, DenseGPTKernelFloor, unsupported_reason  # noqa: E402
 
 LLAMA_STYLE_FLAGS = [
     "--normalization", "RMSNorm",
@@ -146,23 +147,33 @@ def run_steps(count, model, optimizer, scheduler, batches, profiler=None):
 def kernel_floor_figures(args, model, optimizer, scheduler, batches) -> str:
     """The line's kernel-floor part (bench/kernel_floor.py): each of --kernel-floor-rounds rounds times one more
     training step, the floor's kernels and the matmul peak in turn, so that the ratios pair timings taken within
-    seconds of each other; medians of the floor, its parts, step / floor and the MFU a step at the floor has."""
+    seconds of each other; medians of the floor, its parts, step / floor and the MFU a step at the floor has.
+    With the fused vocabulary head on, the same two ratios against the floor plus the head's recomputation: the
+    floor of the algorithm this run uses."""
     floor = DenseGPTKernelFloor(args, [parameter.shape for parameter in optimizer.get_parameters()])
     dtype = DTYPES[dtype_name(args)]
     flops = num_floating_point_operations(args, args.global_batch_size)
-    rounds = []  # (parts, step / floor, MFU at floor)
+    recomputes = args.fused_output_cross_entropy and not args.fp16_lm_cross_entropy
+    rounds = []  # (parts, [(step / floor, MFU at floor) without and, if the head recomputes, with recomputation])
     for _ in range(args.kernel_floor_rounds):
         (step_seconds,) = run_steps(1, model, optimizer, scheduler, batches)
         parts = floor.time_once()
         peak = measured_matmul_tflops(dtype, args.device, default_size(args.device), repeats=1)
-        floor_seconds = sum(parts.values())
-        rounds.append((parts, step_seconds / floor_seconds, flops / floor_seconds / 1e12 / peak))
-    median = statistics.median
-    named_parts = ", ".join(f"{name} {median(r[0][name] for r in rounds) * 1000:.1f}" for name in rounds[0][0])
+        floor_seconds = sum(seconds for name, seconds in parts.items() if name != HEAD_RECOMPUTATION)
+        floors = [floor_seconds] + ([floor_seconds + parts[HEAD_RECOMPUTATION]] if recomputes else [])
+        rounds.append((parts, [(step_seconds / f, flops / f / 1e12 / peak) for f in floors]))
+
+    def medians(which: int) -> str:
+        return (f"step / floor: {statistics.median(r[1][which][0] for r in rounds):.3f} | "
+                f"MFU at floor: {100 * statistics.median(r[1][which][1] for r in rounds):.2f}%")
+
+    named_parts = ", ".join(f"{name} {statistics.median(r[0][name] for r in rounds) * 1000:.1f}" for name in rounds[0][0])
+    floor_ms = statistics.median(sum(s for name, s in r[0].items() if name != HEAD_RECOMPUTATION) for r in rounds) * 1000
     return (
-        f" | kernel floor (ms): {median(sum(r[0].values()) for r in rounds) * 1000:.1f} ({named_parts}) | "
-        f"step / floor: {median(r[1] for r in rounds):.3f} | MFU at floor: {100 * median(r[2] for r in rounds):.2f}% "
-        f"(medians of {len(rounds)} rounds)"
+        f" | kernel floor (ms): {floor_ms:.1f} (parts: {named_parts}; the floor leaves out {HEAD_RECOMPUTATION}) | "
+        + medians(0)
+        + (f" | with the fused head's recomputation: {medians(1)}" if recomputes else "")
+        + f" (medians of {len(rounds)} rounds)"
     )
 
 
