@@ -11,10 +11,10 @@ traffic, not arithmetic.
 
 Shapes are one micro batch on one process: the fused QKV, output, FC1 (gate and up) and FC2 products forward,
 input-gradient and weight-gradient; the vocabulary head's three products at the fused head's chunk width, not
-recomputed (its recomputed forward product is timed as a separate part, HEAD_RECOMPUTATION, outside the floor:
-with it, the floor of the algorithm a run uses when the fused head is on); causal scaled-dot-product attention with the key/value heads repeated to the query heads as
+recomputed; causal scaled-dot-product attention with the key/value heads repeated to the query heads as
 DotProductAttention hands them over; torch's fused AdamW over tensors shaped like the model's parameters (fp32,
-as the main parameters are).
+as the main parameters are). When the fused head is on, its recomputed forward product is timed as well, as a part
+outside the floor (HEAD_RECOMPUTATION): floor plus that part is the floor of the algorithm the run uses.
 """
 
 import time
@@ -70,9 +70,10 @@ def adam_update(parameter_shapes, device: str):
 
 class DenseGPTKernelFloor:
     """The floor's kernels for a dense GPT given by the training flags, one process: every micro batch's products
-    and attention, one optimizer update, and the fused head's recomputed product. `time_once` times each kernel
-    once and returns seconds per training step for each part (HEAD_RECOMPUTATION is not part of the floor); call
-    it several times, interleaved with what it is compared with, on a drifting machine."""
+    and attention, one optimizer update, and the fused head's recomputed product where the run recomputes it.
+    `time_once` times each kernel once and returns seconds per training step for each part (HEAD_RECOMPUTATION
+    is not part of the floor); call it several times, interleaved with what it is compared with, on a drifting
+    machine."""
 
     def __init__(self, args, parameter_shapes):
         dtype, self.device = args.params_dtype, ("cuda" if args.device == "cuda" else "cpu")
@@ -99,7 +100,6 @@ class DenseGPTKernelFloor:
                 for product in linear_products(tokens, *shape, dtype, self.device)
             ]
             + [(product, head_chunks) for product in head_products],
-            HEAD_RECOMPUTATION: [(head_products[0], head_chunks)],
             "attention": [
                 (
                     attention_forward_backward(args.micro_batch_size, heads, args.seq_length, head_dim, dtype, self.device),
@@ -108,6 +108,8 @@ class DenseGPTKernelFloor:
             ],
             "optimizer": [(adam_update(parameter_shapes, self.device), 1)],
         }
+        if args.fused_output_cross_entropy and not args.fp16_lm_cross_entropy:
+            self.parts[HEAD_RECOMPUTATION] = [(head_products[0], head_chunks)]
         self.time_once()  # warm-up
 
     def time_once(self) -> dict:

@@ -153,26 +153,30 @@ def kernel_floor_figures(args, model, optimizer, scheduler, batches) -> str:
     floor = DenseGPTKernelFloor(args, [parameter.shape for parameter in optimizer.get_parameters()])
     dtype = DTYPES[dtype_name(args)]
     flops = num_floating_point_operations(args, args.global_batch_size)
-    recomputes = args.fused_output_cross_entropy and not args.fp16_lm_cross_entropy
-    rounds = []  # (parts, [(step / floor, MFU at floor) without and, if the head recomputes, with recomputation])
+    rounds = []  # (parts, floor, [(step / floor, MFU at floor)] without and, where timed, with the recomputation)
     for _ in range(args.kernel_floor_rounds):
         (step_seconds,) = run_steps(1, model, optimizer, scheduler, batches)
         parts = floor.time_once()
         peak = measured_matmul_tflops(dtype, args.device, default_size(args.device), repeats=1)
         floor_seconds = sum(seconds for name, seconds in parts.items() if name != HEAD_RECOMPUTATION)
-        floors = [floor_seconds] + ([floor_seconds + parts[HEAD_RECOMPUTATION]] if recomputes else [])
-        rounds.append((parts, [(step_seconds / f, flops / f / 1e12 / peak) for f in floors]))
+        floors = [floor_seconds]
+        if HEAD_RECOMPUTATION in parts:
+            floors.append(floor_seconds + parts[HEAD_RECOMPUTATION])
+        rounds.append((parts, floor_seconds, [(step_seconds / f, flops / f / 1e12 / peak) for f in floors]))
+    median = statistics.median
 
-    def medians(which: int) -> str:
-        return (f"step / floor: {statistics.median(r[1][which][0] for r in rounds):.3f} | "
-                f"MFU at floor: {100 * statistics.median(r[1][which][1] for r in rounds):.2f}%")
+    def ratios(which: int) -> str:
+        return (f"step / floor: {median(r[2][which][0] for r in rounds):.3f} | "
+                f"MFU at floor: {100 * median(r[2][which][1] for r in rounds):.2f}%")
 
-    named_parts = ", ".join(f"{name} {statistics.median(r[0][name] for r in rounds) * 1000:.1f}" for name in rounds[0][0])
-    floor_ms = statistics.median(sum(s for name, s in r[0].items() if name != HEAD_RECOMPUTATION) for r in rounds) * 1000
+    named_parts = ", ".join(f"{name} {median(r[0][name] for r in rounds) * 1000:.1f}" for name in rounds[0][0])
+    recomputes = HEAD_RECOMPUTATION in rounds[0][0]
     return (
-        f" | kernel floor (ms): {floor_ms:.1f} (parts: {named_parts}; the floor leaves out {HEAD_RECOMPUTATION}) | "
-        + medians(0)
-        + (f" | with the fused head's recomputation: {medians(1)}" if recomputes else "")
+        f" | kernel floor (ms): {median(r[1] for r in rounds) * 1000:.1f} ({named_parts}"
+        + (f"; the floor leaves out {HEAD_RECOMPUTATION}" if recomputes else "")
+        + ") | "
+        + ratios(0)
+        + (f" | with the fused head's recomputation: {ratios(1)}" if recomputes else "")
         + f" (medians of {len(rounds)} rounds)"
     )
 
